@@ -1,0 +1,3 @@
+from otcbench.cli import main
+
+main()

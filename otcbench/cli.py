@@ -1,0 +1,280 @@
+"""The ``otcbench`` command line: thin — parse, validate, call the library, render with rich."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from otcbench.errors import UserError
+
+app = typer.Typer(
+    name="otcbench",
+    help="Poisoning and backdoor attacks on CLIP pre-training, and the defenses against them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Make, import and inspect pair datasets.", no_args_is_help=True)
+list_app = typer.Typer(help="List registered models, defenses, attacks and recipes.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(list_app, name="list")
+
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override any option: --set train.lr=1e-3 (repeatable)."),
+]
+
+
+def handle_errors(fn: F) -> F:
+    """Turn a UserError into one red line on stderr and exit code 2 — never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=err.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(code=130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _quiet_datasets() -> None:
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def _progress_enabled(no_progress: bool) -> bool:
+    return not no_progress and os.environ.get("OTCBENCH_NO_PROGRESS", "") == ""
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+
+
+@data_app.command("synth")
+@handle_errors
+def data_synth(
+    out: Annotated[Path, typer.Argument(help="Output directory (must not exist).")],
+    n_train: Annotated[int | None, typer.Option("--n-train", help="Training pairs (default 10000).")] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", help="Image side in px (default 32).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="World seed (default 0).")] = None,
+    set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
+) -> None:
+    """Generate the embedded synthetic image–caption world: OUT (pairs) and OUT/eval (labelled splits).
+
+    Example: otcbench data synth data/world --n-train 10000 --seed 0
+    """
+    from rich.progress import Progress
+
+    from otcbench.config import SynthConfig, apply_overrides, validate
+    from otcbench.data.synth import expected_images, write_world
+
+    _quiet_datasets()
+    raw: dict[str, Any] = {}
+    for k, v in (("n_train", n_train), ("image_size", image_size), ("seed", seed)):
+        if v is not None:
+            raw[k] = v
+    cfg = validate(SynthConfig, apply_overrides(raw, set_), where="data synth")
+    if out.exists() and not overwrite:
+        raise UserError(f"output {out} already exists; choose another path, remove it, or pass --overwrite")
+    with Progress(disable=not _progress_enabled(no_progress), console=err_console) as progress:
+        task = progress.add_task("rendering", total=expected_images(cfg))
+        meta = write_world(
+            out, cfg, command=" ".join(["otcbench", *sys.argv[1:]]), overwrite=overwrite,
+            progress=lambda k: progress.advance(task, k),
+        )
+    console.print(
+        f"wrote {meta.counts['pairs']} pairs to [bold]{out}[/] and the eval set to [bold]{out / 'eval'}[/] "
+        f"({len(meta.classnames)} classes, fingerprint {meta.fingerprint})"
+    )
+
+
+@data_app.command("show")
+@handle_errors
+def data_show(
+    data: Annotated[Path, typer.Argument(help="Pair dataset or eval set directory.")],
+    out: Annotated[Path | None, typer.Option("--out", help="PNG path (default ./<name>-samples.png).")] = None,
+    n: Annotated[int, typer.Option("-n", help="Samples in the grid.")] = 32,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the stats as JSON.")] = False,
+) -> None:
+    """Print dataset stats and write a PNG grid of samples with captions (poisoned rows marked).
+
+    Example: otcbench data show data/world --out world.png
+    """
+    from otcbench.data.show import render_stats_table, show_dataset
+
+    _quiet_datasets()
+    if n < 1:
+        raise UserError("-n must be at least 1")
+    stats = show_dataset(data, out, n=n, seed=seed)
+    if as_json:
+        console.print_json(json.dumps(stats, default=str))
+    else:
+        console.print(render_stats_table(stats))
+
+
+# --------------------------------------------------------------------------------------------------
+# train / eval
+
+
+@app.command("train")
+@handle_errors
+def train(
+    data: Annotated[Path, typer.Argument(help="Pair dataset directory.")],
+    out: Annotated[Path, typer.Argument(help="Run directory to write.")],
+    defense: Annotated[str, typer.Option("--defense", help="Defense (see `otcbench list defenses`).")] = "none",
+    model: Annotated[str | None, typer.Option("--model", help="open_clip model name.")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs")] = None,
+    init: Annotated[Path | None, typer.Option("--init", help="Start from this checkpoint.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUT.")] = False,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML file of options.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    set_: SetOpt = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
+) -> None:
+    """Pre-train (or fine-tune with --init) a CLIP model on a pair dataset with a defense.
+
+    Example: otcbench train data/world runs/clip --defense none --epochs 6 --set train.lr=3e-3
+    """
+    from otcbench.config import TrainJob, apply_overrides, load_yaml, validate
+    from otcbench.models import checkpoint_model_name
+    from otcbench.train.loop import Trainer
+
+    _quiet_datasets()
+    raw: dict[str, Any] = load_yaml(config) if config else {}
+    raw["data"] = str(data)
+    raw.setdefault("defense", {})["name"] = defense
+    if model is not None:
+        raw.setdefault("model", {})["name"] = model
+    if init is not None:
+        raw.setdefault("model", {})["init"] = str(init)
+        if model is None and "name" not in raw.get("model", {}):
+            name = checkpoint_model_name(init)
+            if name:
+                raw["model"]["name"] = name
+    if epochs is not None:
+        raw.setdefault("train", {})["epochs"] = epochs
+    if seed is not None:
+        raw.setdefault("train", {})["seed"] = seed
+    job = validate(TrainJob, apply_overrides(raw, set_), where="train")
+    trainer = Trainer(job, out, resume=resume, show_progress=_progress_enabled(no_progress))
+    last = trainer.fit()
+    console.print(f"trained {job.train.epochs} epochs of [bold]{job.model.name}[/] "
+                  f"(defense {job.defense.name}); checkpoint: [bold]{last}[/]")
+
+
+@app.command("eval")
+@handle_errors
+def eval_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Run directory or checkpoint file.")],
+    eval_data: Annotated[Path, typer.Option("--eval-data", help="Eval set (or the synthetic world dir).")],
+    zeroshot: Annotated[bool, typer.Option("--zeroshot", help="Zero-shot top-1/top-5.")] = False,
+    linear_probe: Annotated[bool, typer.Option("--linear-probe", help="Linear-probe top-1.")] = False,
+    model: Annotated[str | None, typer.Option("--model", help="Model name if the checkpoint lacks it.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="metrics.json path (default: run dir).")] = None,
+    set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+) -> None:
+    """Evaluate a checkpoint: zero-shot and linear probe (all when no metric flag is given).
+
+    Example: otcbench eval runs/clip --eval-data data/world
+    """
+    from otcbench.config import EvalConfig, apply_overrides, validate
+    from otcbench.eval.run import evaluate
+
+    _quiet_datasets()
+    raw: dict[str, Any] = {}
+    if zeroshot or linear_probe:
+        raw = {"zeroshot": zeroshot, "linear_probe": linear_probe}
+    cfg = validate(EvalConfig, apply_overrides(raw, set_), where="eval")
+    metrics = evaluate(checkpoint, eval_data, cfg, model_name=model, out=out)
+    if as_json:
+        console.print_json(json.dumps(metrics))
+        return
+    table = Table(title=f"metrics — {metrics['model']}", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        if isinstance(v, float):
+            table.add_row(k, f"{v:.4f}")
+        elif isinstance(v, int):
+            table.add_row(k, str(v))
+    console.print(table)
+    console.print(f"metrics written to [bold]{metrics['metrics_file']}[/]")
+
+
+# --------------------------------------------------------------------------------------------------
+# list
+
+
+@list_app.command("models")
+@handle_errors
+def list_models(
+    all_: Annotated[bool, typer.Option("--all", help="Also list every open_clip architecture.")] = False,
+) -> None:
+    """List model architectures (bundled tiny configs first)."""
+    from otcbench.models import bundled_model_names, list_model_names, model_summary
+
+    bundled = bundled_model_names()
+    names = bundled + ([n for n in list_model_names() if n not in bundled] if all_ else [])
+    table = Table(title="models" + ("" if all_ else " (bundled; --all for every open_clip name)"))
+    for col in ("name", "family", "image", "embed", "context", "params (M)"):
+        table.add_column(col)
+    for n in names:
+        s = model_summary(n, count_params=n in bundled)
+        params = f"{s['params_m']:.2f}" if s.get("params_m") else "-"
+        img = s["image_size"]
+        table.add_row(n, s["family"], f"{img[0]}x{img[1]}", str(s["embed_dim"]), str(s["context_length"]), params)
+    console.print(table)
+
+
+@list_app.command("defenses")
+@handle_errors
+def list_defenses() -> None:
+    """List defenses and their options."""
+    from otcbench.defenses import DEFENSES
+
+    table = Table(title="defenses")
+    table.add_column("name")
+    table.add_column("options")
+    table.add_column("description")
+    for name in DEFENSES.names():
+        cls = DEFENSES.get(name)
+        opts = ", ".join(
+            f"{k}={f.default!r}" for k, f in cls.Options.model_fields.items()
+        ) or "-"
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        table.add_row(name, opts, doc)
+    console.print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""The on-disk pair-dataset and eval-set formats (DESIGN §4).
+
+A *pair dataset* is a Hugging Face ``datasets.Dataset`` saved with ``save_to_disk`` plus ``otcbench.json``
+beside it, columns ``image`` (datasets.Image), ``caption``, ``label``, ``poison``, ``origin``.
+An *eval set* is a ``DatasetDict`` with splits ``train``/``val``/``test`` (linear-probe train, its
+validation split, held-out test) in the same layout, with class names and prompt templates.
+
+Writes are atomic: everything goes to a temporary sibling directory that is renamed into place, so an
+interrupted write never leaves a half dataset under the final name and never touches an existing one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from otcbench.errors import UserError
+
+META_FILE = "otcbench.json"
+FORMAT_VERSION = 1
+PAIR_COLUMNS = ("image", "caption", "label", "poison", "origin")
+EVAL_SPLITS = ("train", "val", "test")
+
+PAIR_FEATURES = datasets.Features(
+    {
+        "image": datasets.Image(),
+        "caption": datasets.Value("string"),
+        "label": datasets.Value("int64"),
+        "poison": datasets.Value("string"),
+        "origin": datasets.Value("int64"),
+    }
+)
+
+
+class DatasetMeta(BaseModel):
+    """Contents of ``otcbench.json``: provenance, class names, templates, counts, fingerprint."""
+
+    model_config = ConfigDict(extra="allow")
+
+    kind: Literal["pairs", "eval"]
+    format_version: int = FORMAT_VERSION
+    otcbench_version: str = ""
+    created_by: dict[str, Any] = Field(default_factory=dict, description="command, options, seed")
+    classnames: list[str] = Field(default_factory=list)
+    templates: list[str] = Field(default_factory=list)
+    synonyms: dict[str, list[str]] = Field(default_factory=dict, description="offline thesaurus")
+    counts: dict[str, int] = Field(default_factory=dict)
+    fingerprint: str = ""
+    eval_set: str | None = Field(None, description="eval set written alongside, relative to this dir")
+    poison: dict[str, Any] | None = Field(None, description="poison manifest (attacks)")
+
+
+def fingerprint_dataset(ds: datasets.Dataset) -> str:
+    """SHA-256 of the dataset's content (captions, labels, flags, image bytes or paths), row order included.
+
+    Computed from the values, not the Arrow buffers, so the same content always gives the same hash.
+    """
+    h = hashlib.sha256()
+    table = ds.with_format("arrow")
+    for batch in table.iter(batch_size=2048):
+        for name in PAIR_COLUMNS:
+            if name not in batch.column_names:
+                continue
+            col = batch.column(name)
+            h.update(name.encode())
+            if name == "image":
+                for item in col.to_pylist():
+                    b, p = (item or {}).get("bytes"), (item or {}).get("path")
+                    h.update(b if b is not None else (p or "").encode())
+                    h.update(b"\x00")
+            elif name in ("caption", "poison"):
+                for s in col.to_pylist():
+                    h.update(s.encode())
+                    h.update(b"\x00")
+            else:
+                h.update(np.asarray(col.to_pylist(), dtype=np.int64).tobytes())
+    return h.hexdigest()[:32]
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    """Lossless PNG of a uint8 HxWx3 array (fast compression: speed over size for small images)."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def build_pair_dataset(
+    images: Iterable[bytes | str],
+    captions: list[str],
+    labels: list[int] | None = None,
+    poison: list[str] | None = None,
+    origin: list[int] | None = None,
+) -> datasets.Dataset:
+    """A pair dataset from encoded image bytes (or file paths) and captions, with the standard columns."""
+    imgs = [{"bytes": x, "path": None} if isinstance(x, bytes) else {"bytes": None, "path": x} for x in images]
+    n = len(captions)
+    if len(imgs) != n:
+        raise ValueError(f"{len(imgs)} images but {n} captions")
+    return datasets.Dataset.from_dict(
+        {
+            "image": imgs,
+            "caption": captions,
+            "label": labels if labels is not None else [-1] * n,
+            "poison": poison if poison is not None else [""] * n,
+            "origin": origin if origin is not None else [-1] * n,
+        },
+        features=PAIR_FEATURES,
+    )
+
+
+def _atomic_dir(out: Path, overwrite: bool) -> Path:
+    if out.exists() and not overwrite:
+        raise UserError(f"output {out} already exists; choose another path or remove it first")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def _commit_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def write_meta(directory: Path, meta: DatasetMeta) -> None:
+    """Write ``otcbench.json`` atomically."""
+    tmp = directory / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta.model_dump(mode="json"), indent=2))
+    os.replace(tmp, directory / META_FILE)
+
+
+def save_pair_dataset(
+    ds: datasets.Dataset,
+    out: str | Path,
+    meta: DatasetMeta,
+    *,
+    overwrite: bool = False,
+    extra_dirs: dict[str, Path] | None = None,
+) -> DatasetMeta:
+    """Save a pair dataset atomically with its ``otcbench.json`` (fingerprint and counts filled in).
+
+    ``extra_dirs`` maps names to already-written directories moved inside the dataset directory in the
+    same atomic step (e.g. the synthetic world's ``eval`` set).
+    """
+    out = Path(out)
+    tmp = _atomic_dir(out, overwrite)
+    try:
+        ds.save_to_disk(str(tmp / "data"))
+        meta = meta.model_copy(
+            update={
+                "kind": "pairs",
+                "fingerprint": fingerprint_dataset(ds),
+                "counts": {**meta.counts, "pairs": len(ds), "poisoned": sum(1 for p in ds["poison"] if p)},
+            }
+        )
+        for name, src in (extra_dirs or {}).items():
+            os.replace(src, tmp / name)
+        write_meta(tmp, meta)
+        _commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def save_eval_set(
+    splits: dict[str, datasets.Dataset], out: str | Path, meta: DatasetMeta, *, overwrite: bool = False
+) -> DatasetMeta:
+    """Save a labelled eval set (``train``/``val``/``test`` splits) atomically with ``otcbench.json``."""
+    out = Path(out)
+    tmp = _atomic_dir(out, overwrite)
+    try:
+        dd = datasets.DatasetDict(splits)
+        dd.save_to_disk(str(tmp / "data"))
+        h = hashlib.sha256()
+        for name in EVAL_SPLITS:
+            if name in splits:
+                h.update(fingerprint_dataset(splits[name]).encode())
+        meta = meta.model_copy(
+            update={
+                "kind": "eval",
+                "fingerprint": h.hexdigest()[:32],
+                "counts": {**meta.counts, **{k: len(v) for k, v in splits.items()}},
+            }
+        )
+        write_meta(tmp, meta)
+        _commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def read_meta(path: str | Path, what: str = "dataset") -> DatasetMeta:
+    """Read ``otcbench.json`` of a dataset directory with one-line errors for every way it can be wrong."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{what} directory {p} does not exist; create one with `otcbench data synth {p}`")
+    if not p.is_dir():
+        raise UserError(f"{what} {p} is a file, not a dataset directory")
+    mf = p / META_FILE
+    if not mf.is_file():
+        raise UserError(
+            f"{p} is not an otcbench {what} (no {META_FILE}); make one with `otcbench data synth` "
+            "or `otcbench data import`"
+        )
+    try:
+        raw = json.loads(mf.read_text())
+        return DatasetMeta.model_validate(raw)
+    except (json.JSONDecodeError, ValueError) as err:
+        first = str(err).splitlines()[0]
+        raise UserError(f"{mf} is corrupted ({first}); recreate the dataset") from None
+
+
+class PairDataset:
+    """A loaded pair dataset: the Hugging Face dataset, its metadata and its directory."""
+
+    def __init__(self, path: Path, ds: datasets.Dataset, meta: DatasetMeta) -> None:
+        self.path = path
+        self.ds = ds
+        self.meta = meta
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    @property
+    def captions(self) -> list[str]:
+        return list(self.ds["caption"])
+
+    @property
+    def poison_flags(self) -> list[str]:
+        return list(self.ds["poison"])
+
+    def eval_set_path(self) -> Path | None:
+        """The eval set written beside this dataset (synthetic world), if any."""
+        if self.meta.eval_set:
+            p = (self.path / self.meta.eval_set).resolve()
+            if self.path.resolve() not in p.parents and p != self.path.resolve():
+                raise UserError(f"{self.path}/{META_FILE}: eval_set points outside the dataset directory")
+            return p
+        return None
+
+
+def load_pair_dataset(path: str | Path, *, verify: bool = True) -> PairDataset:
+    """Load a pair dataset; ``verify`` recomputes the fingerprint and rejects a modified dataset."""
+    p = Path(path)
+    meta = read_meta(p)
+    if meta.kind != "pairs":
+        raise UserError(f"{p} is an eval set, not a pair dataset; pass the training dataset directory")
+    try:
+        ds = datasets.load_from_disk(str(p / "data"))
+    except Exception as err:  # datasets raises several types for broken directories
+        raise UserError(f"{p}/data could not be read as a Hugging Face dataset ({type(err).__name__}); "
+                        "recreate the dataset") from None
+    if not isinstance(ds, datasets.Dataset):
+        raise UserError(f"{p}/data holds several splits; a pair dataset is a single split")
+    missing = [c for c in PAIR_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise UserError(f"{p} lacks the columns {', '.join(missing)}; recreate it with otcbench")
+    if verify and meta.fingerprint and fingerprint_dataset(ds) != meta.fingerprint:
+        raise UserError(f"{p}: the data does not match the fingerprint in {META_FILE}; it was modified "
+                        "after it was written — recreate it")
+    return PairDataset(p, ds, meta)
+
+
+class EvalSet:
+    """A labelled eval set: splits, class names and prompt templates."""
+
+    def __init__(self, path: Path, splits: dict[str, datasets.Dataset], meta: DatasetMeta) -> None:
+        self.path = path
+        self.splits = splits
+        self.meta = meta
+
+    @property
+    def classnames(self) -> list[str]:
+        return self.meta.classnames
+
+    @property
+    def templates(self) -> list[str]:
+        return self.meta.templates
+
+
+def load_eval_set(path: str | Path) -> EvalSet:
+    """Load an eval set, or the eval set written beside a pair dataset (``DATA/eval``)."""
+    p = Path(path)
+    meta = read_meta(p, what="eval set")
+    if meta.kind == "pairs":
+        inner = PairDataset(p, None, meta).eval_set_path()  # type: ignore[arg-type]
+        if inner is None:
+            raise UserError(f"{p} is a pair dataset without an eval set; pass --eval-data EVAL_SET_DIR")
+        return load_eval_set(inner)
+    try:
+        dd = datasets.load_from_disk(str(p / "data"))
+    except Exception as err:
+        raise UserError(f"{p}/data could not be read ({type(err).__name__}); recreate the eval set") from None
+    splits = dict(dd) if isinstance(dd, datasets.DatasetDict) else {"test": dd}
+    if "test" not in splits:
+        raise UserError(f"eval set {p} has no 'test' split (has: {', '.join(splits)})")
+    if not meta.classnames:
+        raise UserError(f"eval set {p} has no class names in {META_FILE}")
+    if not meta.templates:
+        raise UserError(f"eval set {p} has no prompt templates in {META_FILE}")
+    return EvalSet(p, splits, meta)
+
+
+def decode_image(item: Any, root: Path | None = None) -> np.ndarray:
+    """Decode one ``image`` cell (``{"bytes", "path"}`` or a PIL image) to uint8 HxWx3."""
+    if isinstance(item, Image.Image):
+        img = item
+    elif item.get("bytes") is not None:
+        img = Image.open(io.BytesIO(item["bytes"]))
+    else:
+        path = Path(item["path"])
+        if root is not None and not path.is_absolute():
+            path = root / path
+        img = Image.open(path)
+    return np.asarray(img.convert("RGB"))
+
+
+def images_to_tensor(ds: datasets.Dataset, size: int | None = None, root: Path | None = None) -> torch.Tensor:
+    """Decode every image of ``ds`` into one uint8 tensor ``[N,3,H,W]`` (resized to ``size`` if given).
+
+    The in-memory path for small datasets (the synthetic world): decoding once makes epochs cheap.
+    """
+    raw = ds.cast_column("image", datasets.Image(decode=False))
+    arrays = []
+    for item in raw["image"]:
+        a = decode_image(item, root)
+        if size is not None and a.shape[:2] != (size, size):
+            a = np.asarray(Image.fromarray(a).resize((size, size), Image.BICUBIC))
+        arrays.append(a)
+    if not arrays:
+        return torch.empty(0, 3, size or 0, size or 0, dtype=torch.uint8)
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise UserError(f"images have different sizes {sorted(shapes)[:3]}; pass a size to resize them")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()

@@ -1,0 +1,605 @@
+"""The embedded synthetic image–caption world.
+
+A procedural generator of small scenes (1–3 coloured shapes on a textured background) and web-like
+alt-text captions. It is the default data of otcbench: deterministic from a seed, fast (numpy only), and
+designed so that a tiny CLIP learns measurable zero-shot skill from the captions alone:
+
+* every class is a shape with a distinct silhouette that survives 32 px rendering;
+* captions name the objects with their class word most of the time, but also use synonyms, attribute
+  words (colour, size, position, count, background), varied word order and web noise (file names,
+  shop boilerplate, typos, partly wrong or unrelated captions), as alt-text does;
+* the held-out evaluation splits are single-object images with a class label, so zero-shot accuracy
+  measures whether the class word was grounded in the image, not whether the model guessed a scene.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from otcbench import __version__
+from otcbench.config import SynthConfig
+from otcbench.data.format import DatasetMeta, build_pair_dataset, save_eval_set, save_pair_dataset
+from otcbench.errors import UserError
+
+CLASSES: tuple[str, ...] = (
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "ring",
+    "diamond",
+    "heart",
+    "moon",
+    "arrow",
+    "bar",
+    "hourglass",
+)
+
+#: Words a web caption may use instead of the class name. Also the thesaurus the synthetic world
+#: offers to caption augmentation (EDA) so that it works offline.
+CLASS_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "circle": ("disc", "round shape", "dot"),
+    "square": ("box", "block", "tile"),
+    "triangle": ("pyramid shape", "wedge"),
+    "star": ("starburst", "five-pointed shape"),
+    "cross": ("plus sign", "plus"),
+    "ring": ("hoop", "donut", "loop"),
+    "diamond": ("rhombus", "lozenge"),
+    "heart": ("love heart", "valentine shape"),
+    "moon": ("crescent", "crescent moon"),
+    "arrow": ("pointer", "arrowhead"),
+    "bar": ("stripe", "strip", "stick"),
+    "hourglass": ("bowtie shape", "sand timer"),
+}
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 190, 50),
+    "blue": (40, 70, 230),
+    "yellow": (240, 220, 30),
+    "orange": (250, 140, 20),
+    "purple": (150, 50, 200),
+    "white": (245, 245, 245),
+    "cyan": (30, 210, 220),
+    "pink": (250, 120, 190),
+}
+
+COLOUR_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "red": ("crimson", "scarlet"),
+    "green": ("lime", "emerald"),
+    "blue": ("navy", "cobalt"),
+    "yellow": ("golden", "lemon"),
+    "orange": ("amber", "tangerine"),
+    "purple": ("violet", "lilac"),
+    "white": ("snowy", "ivory"),
+    "cyan": ("turquoise", "aqua"),
+    "pink": ("rose", "magenta"),
+}
+
+SIZE_WORDS: dict[str, tuple[str, ...]] = {
+    "small": ("small", "little", "tiny"),
+    "large": ("large", "big", "huge"),
+}
+
+BACKGROUNDS: tuple[str, ...] = ("plain", "striped", "checkered", "noisy", "gradient", "dotted")
+BACKGROUND_PHRASES: dict[str, tuple[str, ...]] = {
+    "plain": ("a plain background", "a plain backdrop", "a blank background"),
+    "striped": ("a striped background", "stripes", "a lined background"),
+    "checkered": ("a checkered background", "a checkerboard", "a grid pattern"),
+    "noisy": ("a noisy background", "a grainy background", "static"),
+    "gradient": ("a gradient background", "a fading background", "a smooth gradient"),
+    "dotted": ("a dotted background", "polka dots", "a spotted background"),
+}
+
+#: Zero-shot prompt templates written with the eval set (open_clip format strings).
+TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "an image of the {}.",
+    "a drawing of a {}.",
+    "a small {}.",
+    "a large {}.",
+    "a {} on a plain background.",
+    "a {} on a striped background.",
+)
+
+COUNT_WORDS = {2: ("two", "2", "a pair of"), 3: ("three", "3")}
+PLURALS = {"cross": "crosses", "hourglass": "hourglasses", "box": "boxes", "plus": "pluses"}
+
+WEB_JUNK = (
+    "click to enlarge",
+    "untitled",
+    "image not available",
+    "free shipping on orders over $50",
+    "thumbnail",
+    "photo by admin",
+    "see more",
+    "placeholder image",
+    "best price guaranteed",
+    "home decor ideas",
+)
+
+
+def plural(noun: str) -> str:
+    """English plural of a (possibly multi-word) noun phrase; only the last word changes."""
+    head, _, last = noun.rpartition(" ")
+    p = PLURALS.get(last, last + "es" if last.endswith(("s", "x", "sh", "ch")) else last + "s")
+    return f"{head} {p}" if head else p
+
+
+# --------------------------------------------------------------------------------------------------
+# Shapes: each maps local coordinates (u right, v up, object radius = 1) to an inside mask.
+
+def _polar(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.hypot(u, v), np.arctan2(v, u)
+
+
+def _circle(u, v):
+    return u * u + v * v <= 0.9
+
+
+def _square(u, v):
+    return np.maximum(np.abs(u), np.abs(v)) <= 0.78
+
+
+def _triangle(u, v):
+    return (v >= -0.7) & (np.abs(u) <= 0.95 * (0.95 - v) / 1.65)
+
+
+def _star(u, v):
+    r, t = _polar(u, v)
+    # Five spikes: the radius oscillates between 0.42 and 1.0 around the circle.
+    k = np.abs(np.cos(2.5 * (t - math.pi / 2)))
+    return r <= 0.42 + 0.58 * k**2.2
+
+
+def _cross(u, v):
+    a, b = np.abs(u), np.abs(v)
+    return ((a <= 0.28) & (b <= 0.95)) | ((b <= 0.28) & (a <= 0.95))
+
+
+def _ring(u, v):
+    r2 = u * u + v * v
+    return (r2 <= 0.95) & (r2 >= 0.36)
+
+
+def _diamond(u, v):
+    return np.abs(u) / 0.7 + np.abs(v) <= 1.0
+
+
+def _heart(u, v):
+    x, y = 1.2 * u, 1.25 * v + 0.2
+    return (x * x + y * y - 1) ** 3 - x * x * y**3 <= 0
+
+
+def _moon(u, v):
+    return (u * u + v * v <= 0.92) & ((u - 0.5) ** 2 + (v - 0.25) ** 2 >= 0.6)
+
+
+def _arrow(u, v):
+    shaft = (np.abs(v) <= 0.2) & (u >= -0.95) & (u <= 0.15)
+    head = (u >= 0.05) & (u <= 0.95) & (np.abs(v) <= (0.95 - u) * 0.9)
+    return shaft | head
+
+
+def _bar(u, v):
+    return (np.abs(v) <= 0.3) & (np.abs(u) <= 0.95)
+
+
+def _hourglass(u, v):
+    return (np.abs(v) <= 0.85) & (np.abs(u) <= 0.85 * np.abs(v) + 0.08)
+
+
+SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "circle": _circle,
+    "square": _square,
+    "triangle": _triangle,
+    "star": _star,
+    "cross": _cross,
+    "ring": _ring,
+    "diamond": _diamond,
+    "heart": _heart,
+    "moon": _moon,
+    "arrow": _arrow,
+    "bar": _bar,
+    "hourglass": _hourglass,
+}
+assert tuple(SHAPES) == CLASSES
+
+
+# --------------------------------------------------------------------------------------------------
+# Scenes
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One shape in a scene."""
+
+    cls: int
+    colour: str
+    size: str  # "small" | "large"
+    cx: float  # centre in pixels
+    cy: float
+    radius: float  # pixels
+    angle: float  # radians
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A rendered scene's description: what the caption generator may talk about."""
+
+    objects: tuple[SceneObject, ...]
+    background: str
+
+
+@dataclass(frozen=True)
+class WorldOptions:
+    """Knobs of the world (kept small: `SynthConfig` in config.py is the user-facing model)."""
+
+    image_size: int = 32
+    max_objects: int = 3
+    p_objects: tuple[float, ...] = (0.45, 0.35, 0.20)
+    p_repeat: float = 0.2  # a scene repeats one class ("two red stars")
+    p_synonym: float = 0.12  # a class mentioned by a synonym
+    p_omit: float = 0.15  # a multi-object caption omits a secondary object
+    p_junk: float = 0.04  # caption unrelated to the image (web boilerplate)
+    p_wrong: float = 0.03  # caption names a wrong class for the main object
+    p_typo: float = 0.03
+    p_colour: float = 0.3  # an object phrase names its colour
+    p_size: float = 0.35  # an object phrase names its size
+
+
+class SceneRenderer:
+    """Renders scenes to uint8 RGB arrays with 2× supersampled anti-aliasing."""
+
+    def __init__(self, image_size: int) -> None:
+        self.size = image_size
+        ss = 2 * image_size
+        # Pixel-centre coordinates of the supersampled grid, in output-pixel units.
+        c = (np.arange(ss, dtype=np.float32) + 0.5) / 2.0
+        self.xx, self.yy = np.meshgrid(c, c)
+        p = np.arange(image_size, dtype=np.float32)
+        self.px, self.py = np.meshgrid(p, p)
+
+    def background(self, kind: str, rng: np.random.Generator) -> np.ndarray:
+        s = self.size
+        # Muted colours so that the saturated object colours stand out.
+        base = rng.uniform(20, 120, size=3) if rng.random() < 0.6 else rng.uniform(120, 200, size=3)
+        grey = base.mean()
+        base = 0.5 * base + 0.5 * grey
+        other = np.clip(base + rng.choice([-1, 1]) * rng.uniform(30, 60), 0, 255) * np.ones(3)
+        img = np.empty((s, s, 3), dtype=np.float32)
+        img[:] = base
+        if kind == "striped":
+            period = rng.integers(3, 7)
+            coord = self.py if rng.random() < 0.5 else self.px
+            if rng.random() < 0.3:
+                coord = self.px + self.py
+            img[(coord // period) % 2 == 1] = other
+        elif kind == "checkered":
+            period = rng.integers(3, 6)
+            img[((self.px // period) + (self.py // period)) % 2 == 1] = other
+        elif kind == "noisy":
+            img += rng.normal(0, 25, size=img.shape).astype(np.float32)
+        elif kind == "gradient":
+            t = (self.px if rng.random() < 0.5 else self.py) / max(s - 1, 1)
+            img = base * (1 - t[..., None]) + other * t[..., None]
+        elif kind == "dotted":
+            period = rng.integers(4, 7)
+            img[((self.px % period) == 1) & ((self.py % period) == 1)] = other
+        return img.astype(np.float32)
+
+    def draw(self, img: np.ndarray, obj: SceneObject, rng: np.random.Generator) -> None:
+        ca, sa = math.cos(obj.angle), math.sin(obj.angle)
+        dx = (self.xx - obj.cx) / obj.radius
+        dy = (obj.cy - self.yy) / obj.radius  # v points up
+        u = ca * dx + sa * dy
+        v = -sa * dx + ca * dy
+        inside = SHAPES[CLASSES[obj.cls]](u, v).astype(np.float32)
+        s = self.size
+        alpha = inside.reshape(s, 2, s, 2).mean(axis=(1, 3))[..., None]
+        colour = np.asarray(COLOURS[obj.colour], dtype=np.float32) + rng.normal(0, 12, size=3)
+        img *= 1 - alpha
+        img += alpha * colour
+
+    def render(self, scene: Scene, rng: np.random.Generator) -> np.ndarray:
+        img = self.background(scene.background, rng)
+        for obj in scene.objects:
+            self.draw(img, obj, rng)
+        img += rng.normal(0, 4, size=img.shape).astype(np.float32)
+        return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def sample_scene(
+    rng: np.random.Generator, opts: WorldOptions, n_objects: int | None = None, cls: int | None = None
+) -> Scene:
+    """Sample a scene; ``n_objects``/``cls`` force a single-object scene of a class (eval splits)."""
+    s = opts.image_size
+    k = n_objects if n_objects is not None else int(rng.choice(len(opts.p_objects), p=opts.p_objects)) + 1
+    classes: list[int] = []
+    for i in range(k):
+        if i == 0:
+            classes.append(cls if cls is not None else int(rng.integers(len(CLASSES))))
+        elif rng.random() < opts.p_repeat:
+            classes.append(classes[0])
+        else:
+            classes.append(int(rng.integers(len(CLASSES))))
+    objects: list[SceneObject] = []
+    colour_names = list(COLOURS)
+    repeat_colour = colour_names[int(rng.integers(len(colour_names)))]
+    for i, c in enumerate(classes):
+        # The main object is the largest; single-object scenes use most of the frame.
+        if k == 1:
+            size = "large" if rng.random() < 0.6 else "small"
+        else:
+            size = "large" if i == 0 else ("small" if rng.random() < 0.7 else "large")
+        lo, hi = ((0.26, 0.34) if size == "large" else (0.18, 0.23)) if k > 1 else (
+            (0.32, 0.44) if size == "large" else (0.22, 0.28)
+        )
+        radius = float(rng.uniform(lo, hi) * s)
+        # Rejection-sample a centre that keeps objects mostly apart.
+        for _ in range(12):
+            cx = float(rng.uniform(radius * 0.9, s - radius * 0.9))
+            cy = float(rng.uniform(radius * 0.9, s - radius * 0.9))
+            if all(math.hypot(cx - o.cx, cy - o.cy) > 0.8 * (radius + o.radius) for o in objects):
+                break
+        same = c == classes[0] and i > 0
+        colour = repeat_colour if same and rng.random() < 0.7 else colour_names[int(rng.integers(9))]
+        if i == 0:
+            repeat_colour = colour
+        angle = float(rng.uniform(-0.25, 0.25))
+        objects.append(SceneObject(c, colour, size, cx, cy, radius, angle))
+    return Scene(tuple(objects), BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))])
+
+
+# --------------------------------------------------------------------------------------------------
+# Captions
+
+
+def _pick(rng: np.random.Generator, xs: Sequence[str]) -> str:
+    return xs[int(rng.integers(len(xs)))]
+
+
+def _position(obj: SceneObject, size: int) -> str:
+    third = size / 3
+    col = "left" if obj.cx < third else ("right" if obj.cx > 2 * third else "")
+    row = "top" if obj.cy < third else ("bottom" if obj.cy > 2 * third else "")
+    if row and col:
+        return f"{row} {col}"
+    return row or col or "center"
+
+
+def _noun(rng: np.random.Generator, cls: int, opts: WorldOptions) -> str:
+    name = CLASSES[cls]
+    return _pick(rng, CLASS_SYNONYMS[name]) if rng.random() < opts.p_synonym else name
+
+
+def _object_phrase(
+    rng: np.random.Generator, cls: int, objs: list[SceneObject], opts: WorldOptions, size: int
+) -> str:
+    noun = _noun(rng, cls, opts)
+    o = objs[0]
+    words: list[str] = []
+    if len(objs) > 1:
+        words.append(_pick(rng, COUNT_WORDS.get(len(objs), ("some",))))
+    if rng.random() < opts.p_size:
+        words.append(_pick(rng, SIZE_WORDS[o.size]))
+    if rng.random() < opts.p_colour and all(x.colour == o.colour for x in objs):
+        cw = o.colour if rng.random() < 0.8 else _pick(rng, COLOUR_SYNONYMS[o.colour])
+        words.append(cw)
+    words.append(plural(noun) if len(objs) > 1 else noun)
+    phrase = " ".join(words)
+    if len(objs) == 1:
+        article = "an" if phrase[0] in "aeiou" else "a"
+        r = rng.random()
+        phrase = f"{article} {phrase}" if r < 0.7 else (f"the {phrase}" if r < 0.85 else phrase)
+        if rng.random() < 0.2:
+            pos = _position(o, size)
+            phrase += " in the center" if pos == "center" else f" in the {pos}"
+    return phrase
+
+
+def _join(rng: np.random.Generator, phrases: list[str]) -> str:
+    if len(phrases) == 1:
+        return phrases[0]
+    if len(phrases) == 2:
+        return f"{phrases[0]} {_pick(rng, ('and', 'next to', 'with', 'beside', '&'))} {phrases[1]}"
+    return f"{', '.join(phrases[:-1])} and {phrases[-1]}"
+
+
+_SCENE_TEMPLATES: tuple[str, ...] = (
+    "{o}",
+    "{o}",
+    "a photo of {o}",
+    "{o} on {b}",
+    "picture of {o}",
+    "{o}, {b}",
+    "my drawing of {o}",
+    "close-up of {o} on {b}",
+    "{O}.",
+    "stock image: {o} on {b}",
+    "IMG_{n} {o}",
+    "{o} - free vector art",
+    "simple illustration with {o}",
+    "{o} against {b}",
+    "clipart {o}",
+    "wallpaper with {o} on {b}",
+    "{o}!!",
+    "look at this: {o}",
+)
+
+
+def _typo(rng: np.random.Generator, text: str) -> str:
+    words = text.split(" ")
+    i = int(rng.integers(len(words)))
+    w = words[i]
+    if len(w) > 3:
+        j = int(rng.integers(1, len(w) - 1))
+        words[i] = w[:j] + w[j + 1] + w[j] + w[j + 2 :]
+    return " ".join(words)
+
+
+def make_caption(rng: np.random.Generator, scene: Scene, opts: WorldOptions) -> str:
+    """Write a web-like alt-text caption for ``scene``."""
+    if rng.random() < opts.p_junk:
+        return _pick(rng, WEB_JUNK) if rng.random() < 0.6 else f"DSC_{int(rng.integers(10000)):04d}.jpg"
+    groups: dict[int, list[SceneObject]] = {}
+    for o in scene.objects:
+        groups.setdefault(o.cls, []).append(o)
+    order = list(groups)  # main object's class first
+    if len(order) > 1:
+        if rng.random() < opts.p_omit:
+            order = order[:-1]
+        if rng.random() < 0.3:
+            rest = order[1:]
+            rng.shuffle(rest)
+            order = [order[0], *rest] if rng.random() < 0.5 else [*rest, order[0]]
+    wrong = rng.random() < opts.p_wrong
+    phrases = []
+    for c in order:
+        cc = c
+        if wrong and c == scene.objects[0].cls:
+            cc = int((c + 1 + rng.integers(len(CLASSES) - 1)) % len(CLASSES))
+        phrases.append(_object_phrase(rng, cc, groups[c], opts, opts.image_size))
+    objs = _join(rng, phrases)
+    tpl = _pick(rng, _SCENE_TEMPLATES)
+    text = tpl.format(
+        o=objs,
+        O=objs[:1].upper() + objs[1:],
+        b=_pick(rng, BACKGROUND_PHRASES[scene.background]),
+        n=int(rng.integers(1000, 9999)),
+    )
+    if rng.random() < 0.1:
+        text = text.capitalize()
+    if rng.random() < opts.p_typo:
+        text = _typo(rng, text)
+    return text
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch generation
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    """Lossless PNG bytes of a uint8 HxWx3 array."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def generate_pairs(
+    n: int, seed: int, opts: WorldOptions, progress: Callable[[int], None] | None = None
+) -> tuple[list[np.ndarray], list[str], list[int]]:
+    """Generate ``n`` training scenes: images (uint8 HxWx3), captions, and main-object labels."""
+    rng = np.random.default_rng([seed, 0])
+    renderer = SceneRenderer(opts.image_size)
+    images, captions, labels = [], [], []
+    for i in range(n):
+        scene = sample_scene(rng, opts)
+        images.append(renderer.render(scene, rng))
+        captions.append(make_caption(rng, scene, opts))
+        labels.append(scene.objects[0].cls)
+        if progress is not None and (i + 1) % 512 == 0:
+            progress(512)
+    if progress is not None and n % 512:
+        progress(n % 512)
+    return images, captions, labels
+
+
+def generate_labelled(
+    per_class: int, seed: int, stream: int, opts: WorldOptions
+) -> tuple[list[np.ndarray], list[int]]:
+    """Single-object, class-balanced labelled images for evaluation (``stream`` separates splits)."""
+    rng = np.random.default_rng([seed, stream])
+    renderer = SceneRenderer(opts.image_size)
+    images, labels = [], []
+    for _ in range(per_class):
+        for c in range(len(CLASSES)):
+            scene = sample_scene(rng, opts, n_objects=1, cls=c)
+            images.append(renderer.render(scene, rng))
+            labels.append(c)
+    return images, labels
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing a world to disk
+
+
+def world_options(cfg: SynthConfig) -> WorldOptions:
+    """The renderer/caption knobs of a user-facing :class:`SynthConfig`."""
+    return WorldOptions(
+        image_size=cfg.image_size,
+        p_colour=cfg.p_colour,
+        p_synonym=cfg.p_synonym,
+        p_junk=cfg.p_junk,
+        p_wrong=cfg.p_wrong,
+    )
+
+
+def write_world(
+    out: str | Path,
+    cfg: SynthConfig,
+    *,
+    command: str = "otcbench data synth",
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> DatasetMeta:
+    """Generate the synthetic world and save it: a pair dataset at ``out`` and its eval set at ``out/eval``.
+
+    ``progress`` receives the number of images finished since its last call.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"output {out} already exists; choose another path or remove it first")
+    opts = world_options(cfg)
+    images, captions, labels = generate_pairs(cfg.n_train, cfg.seed, opts, progress)
+    pairs = build_pair_dataset([encode_png(x) for x in images], captions, labels)
+
+    splits = {}
+    for stream, (split, per_class) in enumerate(
+        (("train", cfg.probe_train_per_class), ("val", cfg.probe_val_per_class), ("test", cfg.test_per_class)),
+        start=1,
+    ):
+        imgs, labs = generate_labelled(per_class, cfg.seed, stream, opts)
+        splits[split] = build_pair_dataset(
+            [encode_png(x) for x in imgs], [TEMPLATES[0].format(CLASSES[c]) for c in labs], labs
+        )
+        if progress is not None:
+            progress(len(imgs))
+    common = {
+        "otcbench_version": __version__,
+        "created_by": {"command": command, "options": cfg.model_dump(mode="json"), "seed": cfg.seed},
+        "classnames": list(CLASSES),
+        "templates": list(TEMPLATES),
+        "synonyms": {
+            **{k: list(v) for k, v in CLASS_SYNONYMS.items()},
+            **{k: list(v) for k, v in COLOUR_SYNONYMS.items()},
+        },
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.eval-", dir=out.parent))
+    try:
+        save_eval_set(splits, staging / "eval", DatasetMeta(kind="eval", **common))
+        meta = save_pair_dataset(
+            pairs, out, DatasetMeta(kind="pairs", eval_set="eval", **common),
+            overwrite=overwrite, extra_dirs={"eval": staging / "eval"},
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return meta
+
+
+def expected_images(cfg: SynthConfig) -> int:
+    """How many images :func:`write_world` renders (for progress bars)."""
+    per_class = cfg.probe_train_per_class + cfg.probe_val_per_class + cfg.test_per_class
+    return cfg.n_train + per_class * len(CLASSES)

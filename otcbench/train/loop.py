@@ -1,0 +1,378 @@
+"""The one training loop every defense plugs into.
+
+AdamW (no decay on norms, biases, embeddings' scale), linear warm-up + cosine, learnable temperature
+clamped at ``train.max_logit_scale``, bf16 autocast on CUDA, per-step seeding so that a resumed run
+replays exactly what an uninterrupted run would have done, atomic checkpoints (per epoch, and every
+``checkpoint_every_steps``), ``log.jsonl`` and a rich progress display.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from otcbench.config import TrainJob, dump_yaml, validate
+from otcbench.data.format import load_pair_dataset
+from otcbench.defenses import DEFENSES, Defense
+from otcbench.errors import UserError
+from otcbench.models import create_model, get_tokenizer, image_size, load_checkpoint_file, prepare_images
+from otcbench.train.checkpoint import atomic_torch_save, atomic_write_text, environment_info, write_json
+from otcbench.train.data import TrainData, load_train_data
+from otcbench.train.losses import clip_loss
+from otcbench.train.schedule import cosine_lr, warmup_steps
+
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; a CUDA request without CUDA is a one-line error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but CUDA is not available; use --set train.device=cpu")
+    return dev
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``train.amp`` on ``device`` (None: full precision)."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+def step_seed(seed: int, step: int) -> int:
+    """A per-step seed: randomness inside a step depends only on (seed, step), so resume is exact."""
+    return (seed * 1_000_003 + step * 7_919 + 17) % (2**63 - 1)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The deterministic shuffled row order of an epoch."""
+    g = torch.Generator().manual_seed(step_seed(seed, 10_000_000 + epoch))
+    return torch.randperm(n, generator=g)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on gains, biases, the logit scale and other 1-d parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if exclude else decay).append(p)
+    return [
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay},
+    ]
+
+
+@dataclass
+class Batch:
+    """One training batch, already on the device."""
+
+    rows: torch.Tensor  # dataset rows of the images (cpu, int64)
+    caption_rows: torch.Tensor  # rows whose captions are paired with them (after re-pairing)
+    images: torch.Tensor  # model input
+    tokens: torch.Tensor
+
+
+class Trainer:
+    """Trains a CLIP model on a pair dataset with a defense; writes a run directory.
+
+    Library use (what ``otcbench train`` does)::
+
+        job = TrainJob(data="data/world", train=TrainConfig(epochs=2))
+        Trainer(job, Path("runs/clip")).fit()
+    """
+
+    def __init__(
+        self,
+        job: TrainJob,
+        out: str | Path,
+        *,
+        resume: bool = False,
+        show_progress: bool = True,
+        on_step: Callable[[Trainer], None] | None = None,
+    ) -> None:
+        self.job = job
+        self.out = Path(out)
+        self.resume = resume
+        self.show_progress = show_progress
+        self.on_step = on_step
+        self.cfg = job.train
+        self.device = resolve_device(self.cfg.device)
+        self.amp_dtype = autocast_dtype(self.cfg.amp, self.device)
+
+        # Everything that can fail on bad input is checked here, before any long work.
+        self._check_run_dir()
+        defense_cls = DEFENSES.get(job.defense.name)
+        self.defense: Defense = defense_cls(DEFENSES.options(job.defense.name, job.defense.options))
+        self.data_info = load_pair_dataset(job.data)
+        self.init_state: dict[str, Any] | None = None
+        if job.model.init:
+            self.init_state = load_checkpoint_file(job.model.init)
+
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        torch.manual_seed(self.cfg.seed)
+        self.model = create_model(job.model.name, checkpoint=job.model.init, device=self.device)
+        self.tokenizer = get_tokenizer(job.model.name)
+        side = image_size(self.model)[0]
+        self.data: TrainData = load_train_data(self.data_info, self.tokenizer, image_size=None)
+        if self.data.images.shape[-1] != side and self.data.images.shape[-1] > 4 * side:
+            # Decoding at full size then resizing every step would waste memory: resize once.
+            self.data = load_train_data(self.data_info, self.tokenizer, image_size=side)
+        self.caption_index = torch.arange(len(self.data))
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, self.cfg.weight_decay),
+            lr=self.cfg.lr,
+            betas=(self.cfg.beta1, self.cfg.beta2),
+            eps=self.cfg.eps,
+        )
+        self.scaler = torch.amp.GradScaler(enabled=self.amp_dtype == torch.float16)
+        self.steps_per_epoch = max(1, len(self.data) // self.cfg.batch_size)
+        self.total_steps = self.steps_per_epoch * self.cfg.epochs
+        self.warmup = warmup_steps(self.cfg.warmup, self.total_steps)
+        self.epoch = 0  # completed epochs
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.lr = 0.0
+        if resume:
+            self._load_last()
+
+    # ----------------------------------------------------------------------------------------------
+    # run directory
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / CHECKPOINT_DIR
+
+    def _check_run_dir(self) -> None:
+        last = self.out / CHECKPOINT_DIR / LAST
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"output {self.out} is a file; choose a directory for the run")
+        if self.resume:
+            if not last.is_file():
+                raise UserError(f"--resume: {self.out} holds no checkpoint ({CHECKPOINT_DIR}/{LAST}); "
+                                "start it without --resume")
+            stored = self.out / "config.yaml"
+            if stored.is_file():
+                old = validate(TrainJob, yaml.safe_load(stored.read_text()), where=str(stored))
+                changed = _config_diff(old, self.job)
+                if changed:
+                    raise UserError(f"--resume: options differ from the run in {self.out} ({changed}); "
+                                    "resume with the same options or use a new output directory")
+        elif last.is_file() or (self.out / "config.yaml").is_file():
+            raise UserError(f"{self.out} already holds a training run; pass --resume to continue it "
+                            "or choose another output directory")
+
+    def _checkpoint(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "model_name": self.job.model.name,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "caption_index": self.caption_index.clone(),
+            "defense": self.defense.state_dict(),
+            "config": self.job.model_dump(mode="json"),
+        }
+
+    def save(self, epoch_copy: bool) -> None:
+        """Write ``last.pt`` (and ``epoch_NNN.pt`` at epoch ends) atomically."""
+        state = self._checkpoint()
+        atomic_torch_save(state, self.ckpt_dir / LAST)
+        if epoch_copy:
+            atomic_torch_save(state, self.ckpt_dir / f"epoch_{self.epoch:03d}.pt")
+
+    def _load_last(self) -> None:
+        state = load_checkpoint_file(self.ckpt_dir / LAST)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch = int(state["epoch"])
+        self.step_in_epoch = int(state["step_in_epoch"])
+        self.global_step = int(state["global_step"])
+        self.caption_index = state["caption_index"].clone()
+        self.defense.load_state_dict(state["defense"])
+        self._truncate_log(self.global_step)
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log lines written after the checkpoint we resume from (they will be written again)."""
+        log = self.out / "log.jsonl"
+        if not log.is_file():
+            return
+        keep = []
+        for line in log.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by the interruption
+            if rec.get("step", 0) <= step and not (rec.get("type") == "epoch" and rec["epoch"] >= self.epoch):
+                keep.append(line)
+        atomic_write_text(log, "".join(k + "\n" for k in keep))
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ----------------------------------------------------------------------------------------------
+    # steps
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def make_batch(self, rows: torch.Tensor) -> Batch:
+        cap_rows = self.caption_index[rows]
+        images = prepare_images(self.model, self.data.images[rows].to(self.device, non_blocking=True))
+        tokens = self.data.tokens[cap_rows].to(self.device, non_blocking=True)
+        return Batch(rows, cap_rows, images, tokens)
+
+    def encode(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised image and text features."""
+        img = self.model.encode_image(images, normalize=True)
+        txt = self.model.encode_text(tokens, normalize=True)
+        return img, txt
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp()
+
+    def clip_batch_loss(self, batch: Batch) -> torch.Tensor:
+        """The plain CLIP loss of a batch (what the ``none`` defense trains with)."""
+        img, txt = self.encode(batch.images, batch.tokens)
+        return clip_loss(img, txt, self.logit_scale())
+
+    def train_step(self, rows: torch.Tensor) -> tuple[float, dict[str, float]]:
+        """One optimiser step over ``rows`` (split into ``grad_accum`` micro-batches)."""
+        torch.manual_seed(step_seed(self.cfg.seed, self.global_step))
+        self.lr = cosine_lr(self.global_step, self.cfg.lr, self.warmup, self.total_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        extras: dict[str, float] = {}
+        for micro in rows.chunk(self.cfg.grad_accum):
+            batch = self.make_batch(micro)
+            with self.autocast():
+                loss, extra = self.defense.batch_loss(self, batch)
+            self.scaler.scale(loss / self.cfg.grad_accum).backward()
+            total += loss.detach() / self.cfg.grad_accum
+            extras.update(extra)
+        if self.cfg.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, math.log(self.cfg.max_logit_scale))
+        self.global_step += 1
+        return float(total), extras
+
+    # ----------------------------------------------------------------------------------------------
+    # the loop
+
+    def fit(self) -> Path:
+        """Train to ``train.epochs``; returns the path of the final checkpoint."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "config.yaml", dump_yaml(self.job))
+        write_json(self.out / "env.json", environment_info(self.device))
+        self.defense.on_train_start(self)
+        with _progress(self.show_progress) as progress:
+            ep_task = progress.add_task("epochs", total=self.cfg.epochs, completed=self.epoch, info="")
+            step_task = progress.add_task("steps", total=self.steps_per_epoch, info="")
+            while self.epoch < self.cfg.epochs:
+                self._run_epoch(progress, step_task)
+                progress.update(ep_task, completed=self.epoch)
+        return self.ckpt_dir / LAST
+
+    def _run_epoch(self, progress: Any, step_task: Any) -> None:
+        epoch = self.epoch
+        self.defense.on_epoch_start(self, epoch)
+        order = self.defense.epoch_indices(self, epoch, epoch_order(len(self.data), self.cfg.seed, epoch))
+        bs = min(self.cfg.batch_size, len(order))
+        n_steps = max(1, len(order) // bs)
+        progress.update(step_task, total=n_steps, completed=self.step_in_epoch,
+                        description=f"epoch {epoch + 1}/{self.cfg.epochs}")
+        losses: list[float] = []
+        t_epoch = time.perf_counter()
+        t_log, seen = time.perf_counter(), 0
+        for s in range(self.step_in_epoch, n_steps):
+            rows = order[s * bs : (s + 1) * bs]
+            loss, extras = self.train_step(rows)
+            losses.append(loss)
+            self.step_in_epoch = s + 1
+            seen += len(rows)
+            if self.global_step % self.cfg.log_every == 0 or s + 1 == n_steps:
+                dt = max(time.perf_counter() - t_log, 1e-9)
+                rec = {"type": "step", "step": self.global_step, "epoch": epoch, "loss": round(loss, 5),
+                       "lr": self.lr, "logit_scale": round(float(self.logit_scale().detach()), 4),
+                       "images_per_s": round(seen / dt, 1), **extras}
+                self.log(rec)
+                t_log, seen = time.perf_counter(), 0
+                progress.update(step_task, info=f"loss {loss:.3f}  lr {self.lr:.2e}  "
+                                f"{rec['images_per_s']:.0f} img/s")
+            progress.update(step_task, completed=s + 1)
+            if self.on_step is not None:
+                self.on_step(self)
+            every = self.cfg.checkpoint_every_steps
+            if every and self.global_step % every == 0 and s + 1 < n_steps:
+                self.save(epoch_copy=False)
+        self.epoch += 1
+        self.step_in_epoch = 0
+        seconds = time.perf_counter() - t_epoch
+        self.log({"type": "epoch", "epoch": epoch, "step": self.global_step,
+                  "loss": round(sum(losses) / max(1, len(losses)), 5), "seconds": round(seconds, 2),
+                  "images_per_s": round(len(losses) * bs / max(seconds, 1e-9), 1)})
+        self.save(epoch_copy=self.epoch % self.cfg.save_every_epochs == 0 or self.epoch == self.cfg.epochs)
+
+
+def _config_diff(old: TrainJob, new: TrainJob) -> str:
+    """Keys that differ between two jobs, ignoring what may change on resume (epochs, device, …)."""
+    a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
+    for d in (a, b):
+        for k in ("epochs", "device", "threads", "num_workers", "log_every"):
+            d["train"].pop(k, None)
+    diffs = []
+    for section in a:
+        if isinstance(a[section], dict):
+            for k in a[section]:
+                if a[section][k] != b.get(section, {}).get(k):
+                    diffs.append(f"{section}.{k}")
+        elif a[section] != b.get(section):
+            diffs.append(section)
+    return ", ".join(diffs)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        disable=not enabled,
+        transient=False,
+    )
+    with progress:
+        yield progress
