@@ -7,6 +7,7 @@ type is caught before any work starts and reported on one line (:func:`validate`
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -106,6 +107,7 @@ class EvalConfig(Options):
 
 
 M = TypeVar("M", bound=BaseModel)
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 def format_validation_error(err: ValidationError, where: str = "") -> str:
@@ -143,6 +145,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):
+        # YAML 1.1 reads 1e-3 (no dot) as a string; numbers are what users mean.
+        if _NUMBER.fullmatch(value.strip()):
+            value = float(value)
     return key.split("."), value
 
 

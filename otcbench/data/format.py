@@ -251,7 +251,7 @@ class PairDataset:
         """The eval set written beside this dataset (synthetic world), if any."""
         if self.meta.eval_set:
             p = (self.path / self.meta.eval_set).resolve()
-            if self.path.resolve() not in p.parents and p != self.path.resolve():
+            if self.path.resolve() not in p.parents:
                 raise UserError(f"{self.path}/{META_FILE}: eval_set points outside the dataset directory")
             return p
         return None
@@ -304,6 +304,8 @@ def load_eval_set(path: str | Path) -> EvalSet:
         inner = PairDataset(p, None, meta).eval_set_path()  # type: ignore[arg-type]
         if inner is None:
             raise UserError(f"{p} is a pair dataset without an eval set; pass --eval-data EVAL_SET_DIR")
+        if read_meta(inner, what="eval set").kind != "eval":
+            raise UserError(f"{p}/{META_FILE}: eval_set {meta.eval_set!r} is not an eval set; recreate it")
         return load_eval_set(inner)
     try:
         dd = datasets.load_from_disk(str(p / "data"))

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import io
 import math
+import multiprocessing
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -497,22 +499,56 @@ def encode_png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def generate_pairs(
-    n: int, seed: int, opts: WorldOptions, progress: Callable[[int], None] | None = None
-) -> tuple[list[np.ndarray], list[str], list[int]]:
-    """Generate ``n`` training scenes: images (uint8 HxWx3), captions, and main-object labels."""
-    rng = np.random.default_rng([seed, 0])
+CHUNK = 1024
+
+
+def _pairs_chunk(args: tuple[int, int, int, WorldOptions]) -> tuple[list[bytes], list[str], list[int]]:
+    """Rows ``[start, start+count)`` of the training pairs; each chunk has its own seeded stream."""
+    seed, start, count, opts = args
+    rng = np.random.default_rng([seed, 0, start // CHUNK])
     renderer = SceneRenderer(opts.image_size)
     images, captions, labels = [], [], []
-    for i in range(n):
+    for _ in range(count):
         scene = sample_scene(rng, opts)
-        images.append(renderer.render(scene, rng))
+        images.append(encode_png(renderer.render(scene, rng)))
         captions.append(make_caption(rng, scene, opts))
         labels.append(scene.objects[0].cls)
-        if progress is not None and (i + 1) % 512 == 0:
-            progress(512)
-    if progress is not None and n % 512:
-        progress(n % 512)
+    return images, captions, labels
+
+
+def generate_pairs(
+    n: int,
+    seed: int,
+    opts: WorldOptions,
+    progress: Callable[[int], None] | None = None,
+    workers: int | None = None,
+) -> tuple[list[bytes], list[str], list[int]]:
+    """Generate ``n`` training scenes: PNG bytes, captions and main-object labels.
+
+    Rows are produced in fixed-size chunks with independent seeded streams, so the output depends on
+    ``seed`` only — not on the number of worker processes used to render it.
+    """
+    jobs = [(seed, s, min(CHUNK, n - s), opts) for s in range(0, n, CHUNK)]
+    workers = workers if workers is not None else min(len(jobs), os.cpu_count() or 1)
+    images: list[bytes] = []
+    captions: list[str] = []
+    labels: list[int] = []
+
+    def collect(part: tuple[list[bytes], list[str], list[int]]) -> None:
+        images.extend(part[0])
+        captions.extend(part[1])
+        labels.extend(part[2])
+        if progress is not None:
+            progress(len(part[1]))
+
+    if workers > 1 and len(jobs) > 1:
+        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        with ctx.Pool(workers) as pool:
+            for part in pool.imap(_pairs_chunk, jobs):
+                collect(part)
+    else:
+        for job in jobs:
+            collect(_pairs_chunk(job))
     return images, captions, labels
 
 
@@ -563,7 +599,7 @@ def write_world(
         raise UserError(f"output {out} already exists; choose another path or remove it first")
     opts = world_options(cfg)
     images, captions, labels = generate_pairs(cfg.n_train, cfg.seed, opts, progress)
-    pairs = build_pair_dataset([encode_png(x) for x in images], captions, labels)
+    pairs = build_pair_dataset(images, captions, labels)
 
     splits = {}
     for stream, (split, per_class) in enumerate(

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import yaml
 
-from otcbench.config import TrainJob, dump_yaml, validate
+from otcbench.config import TrainConfig, TrainJob, dump_yaml, validate
 from otcbench.data.format import load_pair_dataset
 from otcbench.defenses import DEFENSES, Defense
 from otcbench.errors import UserError
@@ -77,6 +77,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
         {"params": no_decay, "weight_decay": 0.0},
         {"params": decay, "weight_decay": weight_decay},
     ]
+
+
+def _is_convnet(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.Conv2d) and m.kernel_size != m.stride for m in model.modules())
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with the fused kernel when this torch build has it for the device (5-10x faster step)."""
+    kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
+    groups = param_groups(model, cfg.weight_decay)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, **kwargs)
 
 
 @dataclass
@@ -136,12 +150,10 @@ class Trainer:
             # Decoding at full size then resizing every step would waste memory: resize once.
             self.data = load_train_data(self.data_info, self.tokenizer, image_size=side)
         self.caption_index = torch.arange(len(self.data))
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, self.cfg.weight_decay),
-            lr=self.cfg.lr,
-            betas=(self.cfg.beta1, self.cfg.beta2),
-            eps=self.cfg.eps,
-        )
+        if _is_convnet(self.model):
+            # oneDNN/cuDNN convolutions run faster on NHWC; a no-op for transformer towers.
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = make_optimizer(self.model, self.cfg)
         self.scaler = torch.amp.GradScaler(enabled=self.amp_dtype == torch.float16)
         self.steps_per_epoch = max(1, len(self.data) // self.cfg.batch_size)
         self.total_steps = self.steps_per_epoch * self.cfg.epochs
