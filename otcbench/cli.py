@@ -193,24 +193,31 @@ def eval_cmd(
     eval_data: Annotated[Path, typer.Option("--eval-data", help="Eval set (or the synthetic world dir).")],
     zeroshot: Annotated[bool, typer.Option("--zeroshot", help="Zero-shot top-1/top-5.")] = False,
     linear_probe: Annotated[bool, typer.Option("--linear-probe", help="Linear-probe top-1.")] = False,
+    asr: Annotated[bool, typer.Option("--asr", help="Attack success rates (needs --poison).")] = False,
+    poison: Annotated[
+        Path | None, typer.Option("--poison", help="Poisoned dataset whose manifest defines the attacks.")
+    ] = None,
     model: Annotated[str | None, typer.Option("--model", help="Model name if the checkpoint lacks it.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="metrics.json path (default: run dir).")] = None,
     set_: SetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ) -> None:
-    """Evaluate a checkpoint: zero-shot and linear probe (all when no metric flag is given).
+    """Evaluate a checkpoint: zero-shot, linear probe and, with --poison, attack success rates
+    (all of them when no metric flag is given).
 
-    Example: otcbench eval runs/clip --eval-data data/world
+    Example: otcbench eval runs/clip --eval-data data/world --poison data/poisoned --asr
     """
     from otcbench.config import EvalConfig, apply_overrides, validate
     from otcbench.eval.run import evaluate
 
     _quiet_datasets()
     raw: dict[str, Any] = {}
-    if zeroshot or linear_probe:
-        raw = {"zeroshot": zeroshot, "linear_probe": linear_probe}
+    if zeroshot or linear_probe or asr:
+        raw = {"zeroshot": zeroshot, "linear_probe": linear_probe, "asr": asr}
+    elif poison is not None:
+        raw = {"asr": True}
     cfg = validate(EvalConfig, apply_overrides(raw, set_), where="eval")
-    metrics = evaluate(checkpoint, eval_data, cfg, model_name=model, out=out)
+    metrics = evaluate(checkpoint, eval_data, cfg, model_name=model, out=out, poison=poison)
     if as_json:
         console.print_json(json.dumps(metrics))
         return
@@ -223,7 +230,49 @@ def eval_cmd(
         elif isinstance(v, int):
             table.add_row(k, str(v))
     console.print(table)
+    if metrics.get("asr"):
+        at = Table(title="attack success")
+        for col in ("attack", "kind", "ASR (zero-shot)", "ASR (probe)", "n", "no-trigger rate"):
+            at.add_column(col)
+        for name, r in metrics["asr"].items():
+            probe = f"{r['asr_probe']:.3f}" if "asr_probe" in r else "-"
+            base = f"{r['clean_rate']:.3f}" if "clean_rate" in r else "-"
+            at.add_row(name, r["kind"], f"{r['asr']:.3f}", probe, str(r["n"]), base)
+        console.print(at)
     console.print(f"metrics written to [bold]{metrics['metrics_file']}[/]")
+
+
+@app.command("poison")
+@handle_errors
+def poison_cmd(
+    data: Annotated[Path, typer.Argument(help="Clean pair dataset (never modified).")],
+    out: Annotated[Path, typer.Argument(help="Poisoned dataset directory to write.")],
+    attack: Annotated[list[str], typer.Option("--attack", help="Attack name (repeat for several).")],
+    set_: SetOpt = None,
+    seed: Annotated[int, typer.Option("--seed", help="Poisoning seed.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+) -> None:
+    """Poison a pair dataset with one or several attacks; writes the poisoned copy and its manifest.
+
+    Examples: otcbench poison data/world data/badnet --attack badnet --set rate=0.01 --set trigger.size=0.25;
+    otcbench poison data/world data/mixed --attack targeted --attack badnet --set targeted.n_targets=8
+    """
+    from otcbench.attacks.poison import attack_options, poison_dataset
+
+    _quiet_datasets()
+    meta = poison_dataset(data, out, attack_options(attack, set_), seed=seed,
+                          command=" ".join(["otcbench", *sys.argv[1:]]), overwrite=overwrite)
+    table = Table(title=f"poisoned {out} ({meta.counts['pairs']} pairs, fingerprint {meta.fingerprint})")
+    for col in ("attack", "kind", "poisoned rows", "details"):
+        table.add_column(col)
+    for a in meta.poison["attacks"]:
+        if a["kind"] == "targeted":
+            details = f"{len(a['targets'])} targets, e.g. {a['targets'][0]['true_class']} → " \
+                      f"{a['targets'][0]['adversarial_class']}"
+        else:
+            details = f"target {a['target_class']}, trigger {a['trigger']['kind']}"
+        table.add_row(a["name"], a["kind"], str(a["n_poisoned"]), details)
+    console.print(table)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,6 +317,31 @@ def list_defenses() -> None:
         ) or "-"
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         table.add_row(name, opts, doc)
+    console.print(table)
+
+
+@list_app.command("attacks")
+@handle_errors
+def list_attacks() -> None:
+    """List attacks and their options (set them with --set KEY=VALUE on `poison`)."""
+    from otcbench.attacks import ATTACKS
+
+    table = Table(title="attacks")
+    table.add_column("name")
+    table.add_column("kind")
+    table.add_column("options")
+    table.add_column("description")
+    for name in ATTACKS.names():
+        cls = ATTACKS.get(name)
+        opts = []
+        for k, f in cls.Options.model_fields.items():
+            default = f.get_default(call_default_factory=True)
+            if hasattr(default, "model_dump"):
+                opts.extend(f"{k}.{kk}={vv!r}" for kk, vv in default.model_dump().items())
+            else:
+                opts.append(f"{k}={default!r}")
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        table.add_row(name, cls.kind, "\n".join(opts), doc)
     console.print(table)
 
 

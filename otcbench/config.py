@@ -32,6 +32,9 @@ class SynthConfig(Options):
     probe_train_per_class: int = Field(64, ge=1, description="linear-probe training images per class")
     probe_val_per_class: int = Field(32, ge=1, description="linear-probe validation images per class")
     test_per_class: int = Field(64, ge=1, description="held-out test images per class (zero-shot, probe)")
+    targets_per_class: int = Field(
+        8, ge=0, description="held-out images per class that targeted attacks pick their targets from"
+    )
     p_colour: float = Field(0.3, ge=0, le=1, description="probability a caption names an object's colour")
     p_synonym: float = Field(0.12, ge=0, le=1, description="probability a class is named by a synonym")
     p_junk: float = Field(0.04, ge=0, le=1, description="probability of an unrelated web caption")
@@ -96,6 +99,7 @@ class EvalConfig(Options):
 
     zeroshot: bool = True
     linear_probe: bool = True
+    asr: bool = False
     batch_size: int = Field(512, ge=1)
     device: str = "auto"
     probe_c_grid: list[float] = Field(

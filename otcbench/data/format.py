@@ -32,7 +32,7 @@ from otcbench.errors import UserError
 META_FILE = "otcbench.json"
 FORMAT_VERSION = 1
 PAIR_COLUMNS = ("image", "caption", "label", "poison", "origin")
-EVAL_SPLITS = ("train", "val", "test")
+EVAL_SPLITS = ("train", "val", "test", "targets")
 
 PAIR_FEATURES = datasets.Features(
     {

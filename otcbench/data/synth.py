@@ -603,9 +603,16 @@ def write_world(
 
     splits = {}
     for stream, (split, per_class) in enumerate(
-        (("train", cfg.probe_train_per_class), ("val", cfg.probe_val_per_class), ("test", cfg.test_per_class)),
+        (
+            ("train", cfg.probe_train_per_class),
+            ("val", cfg.probe_val_per_class),
+            ("test", cfg.test_per_class),
+            ("targets", cfg.targets_per_class),
+        ),
         start=1,
     ):
+        if per_class == 0:
+            continue
         imgs, labs = generate_labelled(per_class, cfg.seed, stream, opts)
         splits[split] = build_pair_dataset(
             [encode_png(x) for x in imgs], [TEMPLATES[0].format(CLASSES[c]) for c in labs], labs
@@ -637,5 +644,5 @@ def write_world(
 
 def expected_images(cfg: SynthConfig) -> int:
     """How many images :func:`write_world` renders (for progress bars)."""
-    per_class = cfg.probe_train_per_class + cfg.probe_val_per_class + cfg.test_per_class
+    per_class = cfg.probe_train_per_class + cfg.probe_val_per_class + cfg.test_per_class + cfg.targets_per_class
     return cfg.n_train + per_class * len(CLASSES)

@@ -12,6 +12,7 @@ import torch
 from otcbench.config import EvalConfig
 from otcbench.data.format import EvalSet, images_to_tensor, load_eval_set
 from otcbench.errors import UserError
+from otcbench.eval.asr import attack_success, load_poisoned
 from otcbench.eval.features import image_features
 from otcbench.eval.linear_probe import accuracy, linear_probe
 from otcbench.eval.zeroshot import topk_accuracy, zeroshot_classifier, zeroshot_predict
@@ -55,15 +56,22 @@ def evaluate(
     *,
     model_name: str | None = None,
     out: str | Path | None = None,
+    poison: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on ``eval_data``; writes and returns the metrics.
 
-    ``eval_data`` is an eval set, or a pair dataset that carries one (the synthetic world).
+    ``eval_data`` is an eval set, or a pair dataset that carries one (the synthetic world). With
+    ``cfg.asr``, ``poison`` is the poisoned dataset whose manifest says what to measure.
     """
     cfg = cfg or EvalConfig()
     t0 = time.perf_counter()
     ck = resolve_checkpoint(checkpoint)
     es = load_eval_set(eval_data)
+    poisoned = manifest = None
+    if cfg.asr:
+        if poison is None:
+            raise UserError("--asr needs --poison POISONED_DATA (the dataset written by `otcbench poison`)")
+        poisoned, manifest = load_poisoned(poison)
     name = model_name or checkpoint_model_name(ck.file)
     if not name:
         raise UserError(f"checkpoint {ck.file} does not record its model; pass --model NAME")
@@ -77,9 +85,11 @@ def evaluate(
     test_x, test_y = load_split(es, "test")
     test_f = image_features(model, test_x, batch_size=cfg.batch_size, device=device, amp_dtype=amp)
     n_classes = len(es.classnames)
-    if cfg.zeroshot:
+    clf = probe = None
+    if cfg.zeroshot or cfg.asr:
         tokenizer = get_tokenizer(name)
         clf = zeroshot_classifier(model, tokenizer, es.classnames, es.templates, device=device)
+    if cfg.zeroshot:
         acc = topk_accuracy(zeroshot_predict(test_f, clf), test_y, (1, 5))
         metrics["zeroshot_top1"] = acc[1]
         metrics["zeroshot_top5"] = acc[5]
@@ -95,6 +105,13 @@ def evaluate(
         )
         metrics["linear_probe_top1"] = accuracy(probe, test_f, test_y)
         metrics["linear_probe_c"] = probe.c
+    if cfg.asr:
+        def feats(x: torch.Tensor, transform=None) -> torch.Tensor:
+            return image_features(model, x, batch_size=cfg.batch_size, device=device, amp_dtype=amp,
+                                  transform=transform)
+
+        metrics.update(attack_success(poisoned, manifest, es.classnames, feats, clf, test_x, test_y, probe))
+        metrics["poison_data"] = str(poisoned.path)
     metrics.update(
         {
             "n_test": len(test_y),

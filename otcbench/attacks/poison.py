@@ -1,0 +1,171 @@
+"""``otcbench poison``: apply one or several attacks to a clean pair dataset, write the poisoned copy.
+
+The poisoned dataset holds the clean rows (label-consistent attacks trigger some of them in place),
+then every attack's appended rows; the ``poison`` column names the attack of each poisoned row. Its
+``otcbench.json`` carries the poison manifest (DESIGN §4): for each attack its name, options, rows and
+what evaluation needs (targets with true/adversarial classes, trigger spec and target class), plus the
+seed and the source's fingerprint. Target images are stored in ``OUT/targets``; the source's eval set is
+copied to ``OUT/eval`` so ``eval --asr`` needs only the poisoned directory. The source is never written.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+
+from otcbench import __version__
+from otcbench.attacks.base import ATTACKS, Attack, PoisonContext, PoisonRows
+from otcbench.config import apply_overrides
+from otcbench.data.format import (
+    DatasetMeta,
+    build_pair_dataset,
+    fingerprint_dataset,
+    load_eval_set,
+    load_pair_dataset,
+    save_pair_dataset,
+)
+from otcbench.errors import UserError
+
+TARGETS_DIR = "targets"
+
+
+def attack_options(names: list[str], overrides: list[str] | None) -> list[tuple[str, dict[str, Any]]]:
+    """Split ``--set`` overrides among attacks: with one attack keys are its own (``rate=0.01``); with
+    several, prefix them with the attack name (``badnet.rate=0.01``)."""
+    if not names:
+        raise UserError("no attack given; pass --attack NAME (see `otcbench list attacks`)")
+    if len(set(names)) != len(names):
+        raise UserError(f"an attack is given twice ({', '.join(names)}); give each attack once")
+    for n in names:
+        ATTACKS.get(n)
+    raw = apply_overrides({}, overrides)
+    if len(names) == 1:
+        if names[0] in raw and isinstance(raw[names[0]], dict) and len(raw) == 1:
+            raw = raw[names[0]]
+        return [(names[0], raw)]
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        raise UserError(f"--set {unknown[0]}...: with several attacks prefix each option with its attack, "
+                        f"e.g. --set {names[0]}.{unknown[0]}=...")
+    return [(n, raw.get(n, {})) for n in names]
+
+
+def _image_bytes(ds: datasets.Dataset, root: Path) -> list[bytes]:
+    raw = ds.cast_column("image", datasets.Image(decode=False))
+    out = []
+    for item in raw["image"]:
+        if item["bytes"] is not None:
+            out.append(item["bytes"])
+        else:
+            p = Path(item["path"])
+            out.append((p if p.is_absolute() else root / p).read_bytes())
+    return out
+
+
+def poison_dataset(
+    source: str | Path,
+    out: str | Path,
+    attacks: list[tuple[str, dict[str, Any]]],
+    *,
+    seed: int = 0,
+    command: str = "otcbench poison",
+    overwrite: bool = False,
+) -> DatasetMeta:
+    """Poison ``source`` with ``attacks`` (name, options) and write the result to ``out``."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"output {out} already exists; choose another path or remove it first")
+    built: list[Attack] = [ATTACKS.get(n)(ATTACKS.options(n, o)) for n, o in attacks]
+    src = load_pair_dataset(source)
+    if out.resolve() == src.path.resolve():
+        raise UserError("the output must differ from the source; poisoning never modifies the clean dataset")
+    eval_path = src.eval_set_path()
+    eval_set = load_eval_set(eval_path) if eval_path is not None else None
+    classnames = src.meta.classnames or (eval_set.classnames if eval_set else [])
+    templates = src.meta.templates or (eval_set.templates if eval_set else [])
+    if not classnames or not templates:
+        raise UserError(f"{src.path} records no class names/templates; attacks need them to name classes")
+    captions = src.captions
+    labels = np.asarray(src.ds["label"], dtype=np.int64)
+    blobs = _image_bytes(src.ds, src.path)
+
+    def ctx_for(i: int) -> PoisonContext:
+        return PoisonContext(src, eval_set, classnames, templates, src.meta.synonyms, captions, labels, blobs,
+                             np.random.default_rng([seed, i]))
+
+    for i, a in enumerate(built):
+        a.check(ctx_for(i))  # every bad option fails here, before any poisoning work
+
+    results: list[PoisonRows] = [a.poison(ctx_for(i)) for i, a in enumerate(built)]
+
+    images, caps, labs = list(blobs), list(captions), labels.tolist()
+    poison = list(src.ds["poison"])
+    origin = list(src.ds["origin"])
+    manifest_attacks = []
+    target_imgs: list[bytes] = []
+    target_true: list[int] = []
+    target_adv: list[int] = []
+    target_attack: list[str] = []
+    for a, r in zip(built, results, strict=True):
+        for row, (img, cap) in r.replace.items():
+            if poison[row]:
+                raise UserError(f"{a.name}: row {row} is already poisoned by {poison[row]}; "
+                                "use separate target classes for the attacks")
+            images[row], caps[row], poison[row], origin[row] = img, cap, a.name, row
+        start = len(images)
+        images += r.images
+        caps += r.captions
+        labs += r.labels
+        origin += r.origin
+        poison += [a.name] * len(r.images)
+        rows = sorted(r.replace) + list(range(start, len(images)))
+        entry = {"name": a.name, "kind": a.kind, "options": a.options.model_dump(mode="json"),
+                 "rows": rows, "n_poisoned": len(rows), **r.manifest}
+        if r.targets:
+            entry["target_rows"] = list(range(len(target_imgs), len(target_imgs) + len(r.targets)))
+            for img, true, adv in r.targets:
+                target_imgs.append(img)
+                target_true.append(true)
+                target_adv.append(adv)
+                target_attack.append(a.name)
+        manifest_attacks.append(entry)
+
+    ds = build_pair_dataset(images, caps, labs, poison, origin)
+    meta = DatasetMeta(
+        kind="pairs",
+        otcbench_version=__version__,
+        created_by={"command": command, "options": {"attacks": [[n, o] for n, o in attacks]}, "seed": seed},
+        classnames=classnames,
+        templates=templates,
+        synonyms=src.meta.synonyms,
+        eval_set="eval" if eval_set is not None else None,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.parts-", dir=out.parent))
+    try:
+        extra: dict[str, Path] = {}
+        if eval_set is not None:
+            shutil.copytree(eval_set.path, staging / "eval")
+            extra["eval"] = staging / "eval"
+        targets_fp = None
+        if target_imgs:
+            tds = build_pair_dataset(target_imgs, [classnames[c] for c in target_adv], target_true,
+                                     target_attack, list(range(len(target_imgs))))
+            tds.save_to_disk(str(staging / TARGETS_DIR))
+            targets_fp = fingerprint_dataset(tds)
+            extra[TARGETS_DIR] = staging / TARGETS_DIR
+        meta.poison = {
+            "seed": seed,
+            "source": {"path": str(src.path), "fingerprint": src.meta.fingerprint},
+            "attacks": manifest_attacks,
+            "targets_fingerprint": targets_fp,
+        }
+        meta = save_pair_dataset(ds, out, meta, overwrite=overwrite, extra_dirs=extra)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return meta
