@@ -55,7 +55,7 @@ from otcbench.errors import UserError
 
 torch.set_num_threads(1)
 
-SMALL = dict(n_train=300, probe_train_per_class=4, probe_val_per_class=2, test_per_class=4)
+SMALL = dict(n_train=300, probe_train_per_class=4, probe_val_per_class=2, test_per_class=4, targets_per_class=1)
 N_CLASSES = len(CLASSES)
 SYNONYMS = [s for syn in CLASS_SYNONYMS.values() for s in syn]
 
@@ -202,7 +202,7 @@ def test_eval_set_counts_and_balance(world: Path) -> None:
     ev = load_eval_set(world / "eval")
     expected = {
         "train": SMALL["probe_train_per_class"], "val": SMALL["probe_val_per_class"],
-        "test": SMALL["test_per_class"],
+        "test": SMALL["test_per_class"], "targets": SMALL["targets_per_class"],
     }
     assert set(ev.splits) == set(expected)
     for split, per_class in expected.items():
@@ -252,7 +252,7 @@ def test_image_size(world: Path, tmp_path: Path) -> None:
     assert t.shape == (10, 3, 32, 32) and t.dtype == torch.uint8
     big = tmp_path / "big"
     write_world(big, SynthConfig(n_train=12, image_size=48, probe_train_per_class=1, probe_val_per_class=1,
-                                 test_per_class=1))
+                                 test_per_class=1, targets_per_class=1))
     t48 = images_to_tensor(load_pair_dataset(big).ds)
     assert t48.shape == (12, 3, 48, 48)
     for ds in load_eval_set(big).splits.values():
@@ -459,7 +459,7 @@ def test_load_modified_dataset(world: Path, tmp_path: Path) -> None:
 def test_load_eval_set_beside_pairs(world: Path) -> None:
     ev = load_eval_set(world)
     assert ev.path.resolve() == (world / "eval").resolve()
-    assert set(ev.splits) == {"train", "val", "test"}
+    assert set(ev.splits) == {"train", "val", "test", "targets"}
     assert ev.classnames == list(CLASSES)
     assert load_pair_dataset(world).eval_set_path() == (world / "eval").resolve()
 
@@ -549,7 +549,7 @@ def test_show_eval_set(world: Path, tmp_path: Path) -> None:
     assert stats["kind"] == "eval"
     assert stats["splits"] == {
         "train": SMALL["probe_train_per_class"] * N_CLASSES, "val": SMALL["probe_val_per_class"] * N_CLASSES,
-        "test": SMALL["test_per_class"] * N_CLASSES,
+        "test": SMALL["test_per_class"] * N_CLASSES, "targets": SMALL["targets_per_class"] * N_CLASSES,
     }
     assert stats["rows"] == sum(stats["splits"].values())
     assert set(stats["labels"].values()) == {stats["rows"] // N_CLASSES}
