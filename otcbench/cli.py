@@ -284,7 +284,10 @@ def poison_cmd(
 def list_models(
     all_: Annotated[bool, typer.Option("--all", help="Also list every open_clip architecture.")] = False,
 ) -> None:
-    """List model architectures (bundled tiny configs first)."""
+    """List model architectures (bundled tiny configs first).
+
+    Example: otcbench list models --all
+    """
     from otcbench.models import bundled_model_names, list_model_names, model_summary
 
     bundled = bundled_model_names()
@@ -303,7 +306,10 @@ def list_models(
 @list_app.command("defenses")
 @handle_errors
 def list_defenses() -> None:
-    """List defenses and their options."""
+    """List defenses and their options.
+
+    Example: otcbench list defenses
+    """
     from otcbench.defenses import DEFENSES
 
     table = Table(title="defenses")
@@ -323,7 +329,10 @@ def list_defenses() -> None:
 @list_app.command("attacks")
 @handle_errors
 def list_attacks() -> None:
-    """List attacks and their options (set them with --set KEY=VALUE on `poison`)."""
+    """List attacks and their options (set them with --set KEY=VALUE on `poison`).
+
+    Example: otcbench list attacks
+    """
     from otcbench.attacks import ATTACKS
 
     table = Table(title="attacks")

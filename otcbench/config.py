@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError
 
 from otcbench.errors import UserError
 
@@ -102,8 +102,9 @@ class EvalConfig(Options):
     asr: bool = False
     batch_size: int = Field(512, ge=1)
     device: str = "auto"
-    probe_c_grid: list[float] = Field(
+    probe_c_grid: list[PositiveFloat] = Field(
         default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0],
+        min_length=1,
         description="inverse L2 strengths tried for the linear probe; the best on the val split wins",
     )
     probe_max_iter: int = Field(300, ge=1)

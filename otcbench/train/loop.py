@@ -162,8 +162,13 @@ class Trainer:
         self.step_in_epoch = 0
         self.global_step = 0
         self.lr = 0.0
-        if resume:
+        self.epoch_loss_sum = 0.0  # running sums of the current epoch, kept in checkpoints
+        self.epoch_loss_n = 0
+        if resume and (self.ckpt_dir / LAST).is_file():
             self._load_last()
+        else:
+            # interrupted before its first checkpoint (or a fresh run): nothing to keep from earlier logs
+            (self.out / "log.jsonl").unlink(missing_ok=True)
 
     # ----------------------------------------------------------------------------------------------
     # run directory
@@ -176,18 +181,18 @@ class Trainer:
         last = self.out / CHECKPOINT_DIR / LAST
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"output {self.out} is a file; choose a directory for the run")
+        stored = self.out / "config.yaml"
         if self.resume:
-            if not last.is_file():
+            if not last.is_file() and not stored.is_file():
                 raise UserError(f"--resume: {self.out} holds no checkpoint ({CHECKPOINT_DIR}/{LAST}); "
                                 "start it without --resume")
-            stored = self.out / "config.yaml"
             if stored.is_file():
                 old = validate(TrainJob, yaml.safe_load(stored.read_text()), where=str(stored))
                 changed = _config_diff(old, self.job)
                 if changed:
                     raise UserError(f"--resume: options differ from the run in {self.out} ({changed}); "
                                     "resume with the same options or use a new output directory")
-        elif last.is_file() or (self.out / "config.yaml").is_file():
+        elif last.is_file():
             raise UserError(f"{self.out} already holds a training run; pass --resume to continue it "
                             "or choose another output directory")
 
@@ -201,6 +206,8 @@ class Trainer:
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
             "caption_index": self.caption_index.clone(),
+            "epoch_loss_sum": self.epoch_loss_sum,
+            "epoch_loss_n": self.epoch_loss_n,
             "defense": self.defense.state_dict(),
             "config": self.job.model_dump(mode="json"),
         }
@@ -221,6 +228,8 @@ class Trainer:
         self.step_in_epoch = int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
         self.caption_index = state["caption_index"].clone()
+        self.epoch_loss_sum = float(state.get("epoch_loss_sum", 0.0))
+        self.epoch_loss_n = int(state.get("epoch_loss_n", 0))
         self.defense.load_state_dict(state["defense"])
         self._truncate_log(self.global_step)
 
@@ -323,13 +332,17 @@ class Trainer:
         n_steps = max(1, len(order) // bs)
         progress.update(step_task, total=n_steps, completed=self.step_in_epoch,
                         description=f"epoch {epoch + 1}/{self.cfg.epochs}")
-        losses: list[float] = []
+        if self.step_in_epoch == 0:
+            self.epoch_loss_sum, self.epoch_loss_n = 0.0, 0
+        steps_here = 0
         t_epoch = time.perf_counter()
         t_log, seen = time.perf_counter(), 0
         for s in range(self.step_in_epoch, n_steps):
             rows = order[s * bs : (s + 1) * bs]
             loss, extras = self.train_step(rows)
-            losses.append(loss)
+            self.epoch_loss_sum += loss
+            self.epoch_loss_n += 1
+            steps_here += 1
             self.step_in_epoch = s + 1
             seen += len(rows)
             if self.global_step % self.cfg.log_every == 0 or s + 1 == n_steps:
@@ -350,15 +363,18 @@ class Trainer:
         self.epoch += 1
         self.step_in_epoch = 0
         seconds = time.perf_counter() - t_epoch
+        # loss: the whole epoch's mean, also across a resume; seconds/images_per_s: this process's part
         self.log({"type": "epoch", "epoch": epoch, "step": self.global_step,
-                  "loss": round(sum(losses) / max(1, len(losses)), 5), "seconds": round(seconds, 2),
-                  "images_per_s": round(len(losses) * bs / max(seconds, 1e-9), 1)})
+                  "loss": round(self.epoch_loss_sum / max(1, self.epoch_loss_n), 5), "seconds": round(seconds, 2),
+                  "images_per_s": round(steps_here * bs / max(seconds, 1e-9), 1)})
         self.save(epoch_copy=self.epoch % self.cfg.save_every_epochs == 0 or self.epoch == self.cfg.epochs)
 
 
 def _config_diff(old: TrainJob, new: TrainJob) -> str:
     """Keys that differ between two jobs, ignoring what may change on resume (epochs, device, …)."""
     a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
+    for d in (a, b):
+        d["data"] = str(Path(d["data"]).resolve()) if d["data"] else ""
     for d in (a, b):
         for k in ("epochs", "device", "threads", "num_workers", "log_every"):
             d["train"].pop(k, None)
