@@ -303,27 +303,36 @@ def list_models(
     console.print(table)
 
 
+def _registry_table(registry, title: str, with_kind: bool = False) -> Table:
+    """One row per registered method: name, (kind), every option with its default, first doc line."""
+    table = Table(title=title)
+    for col in ("name", *(("kind",) if with_kind else ()), "options", "description"):
+        table.add_column(col)
+    for name in registry.names():
+        cls = registry.get(name)
+        opts = []
+        for k, f in cls.Options.model_fields.items():
+            default = f.get_default(call_default_factory=True)
+            if hasattr(default, "model_dump"):  # nested options (a trigger spec) listed key by key
+                opts.extend(f"{k}.{kk}={vv!r}" for kk, vv in default.model_dump().items())
+            else:
+                opts.append(f"{k}={default!r}")
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        kind = (cls.kind,) if with_kind else ()
+        table.add_row(name, *kind, "\n".join(opts) or "-", doc)
+    return table
+
+
 @list_app.command("defenses")
 @handle_errors
 def list_defenses() -> None:
-    """List defenses and their options.
+    """List defenses and their options (set them with --set defense.options.KEY=VALUE on `train`).
 
     Example: otcbench list defenses
     """
     from otcbench.defenses import DEFENSES
 
-    table = Table(title="defenses")
-    table.add_column("name")
-    table.add_column("options")
-    table.add_column("description")
-    for name in DEFENSES.names():
-        cls = DEFENSES.get(name)
-        opts = ", ".join(
-            f"{k}={f.default!r}" for k, f in cls.Options.model_fields.items()
-        ) or "-"
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        table.add_row(name, opts, doc)
-    console.print(table)
+    console.print(_registry_table(DEFENSES, "defenses"))
 
 
 @list_app.command("attacks")
@@ -335,23 +344,7 @@ def list_attacks() -> None:
     """
     from otcbench.attacks import ATTACKS
 
-    table = Table(title="attacks")
-    table.add_column("name")
-    table.add_column("kind")
-    table.add_column("options")
-    table.add_column("description")
-    for name in ATTACKS.names():
-        cls = ATTACKS.get(name)
-        opts = []
-        for k, f in cls.Options.model_fields.items():
-            default = f.get_default(call_default_factory=True)
-            if hasattr(default, "model_dump"):
-                opts.extend(f"{k}.{kk}={vv!r}" for kk, vv in default.model_dump().items())
-            else:
-                opts.append(f"{k}={default!r}")
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        table.add_row(name, cls.kind, "\n".join(opts), doc)
-    console.print(table)
+    console.print(_registry_table(ATTACKS, "attacks", with_kind=True))
 
 
 def main() -> None:
