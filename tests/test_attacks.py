@@ -226,3 +226,20 @@ def test_hand_built_dataset_without_eval_set_rejects_targeted(tmp_path: Path) ->
                                                       templates=["a {}."]))
     with pytest.raises(UserError, match="no eval set"):
         poison_dataset(tmp_path / "d", tmp_path / "o", attack_options(["targeted"], []))
+
+
+@pytest.mark.parametrize("source", ["templates", "names", "training"])
+def test_backdoor_caption_sources(world: Path, tmp_path: Path, source: str) -> None:
+    from otcbench.attacks.backdoor import NAME_CAPTIONS
+
+    meta = poison_dataset(world, tmp_path / source, attack_options(
+        ["badnet"], ["count=10", "target=star", f"caption_source={source}"]))
+    pd = load_pair_dataset(tmp_path / source)
+    caps = [pd.captions[r] for r in meta.poison["attacks"][0]["rows"]]
+    allowed = {"templates": {t.format("star") for t in meta.templates},
+               "names": {t.format("star") for t in NAME_CAPTIONS}}
+    if source == "training":
+        src_caps = set(load_pair_dataset(world).captions)
+        assert all(c in src_caps and re.search(r"\bstar\b", c, re.IGNORECASE) for c in caps)
+    else:
+        assert set(caps) <= allowed[source]

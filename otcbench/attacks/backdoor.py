@@ -26,6 +26,9 @@ from otcbench.attacks.triggers import TriggerSpec
 from otcbench.config import Options
 from otcbench.errors import UserError
 
+#: Short captions that name only the target (disjoint from the eval prompt templates).
+NAME_CAPTIONS = ("a {}", "{}", "the {}", "a {} icon", "{} clipart", "my {}", "a single {}", "{} picture")
+
 #: Calibrated for the 32 px synthetic world (docs/attacks.md); the published setting is 16/224.
 DEFAULT_PATCH = 0.25
 
@@ -36,8 +39,10 @@ class BackdoorOptions(Options):
         0.01, gt=0, le=1, description="poisoned pairs as a fraction of the clean dataset (ignored if count is set)"
     )
     count: int | None = Field(None, ge=1, description="number of poisoned pairs (overrides rate)")
-    caption_source: Literal["templates", "training"] = Field(
-        "templates", description="prompt templates with the target name, or training captions naming it"
+    caption_source: Literal["templates", "training", "names"] = Field(
+        "templates",
+        description="eval prompt templates with the target name (CleanCLIP), training captions naming it, "
+        "or short captions that only name it",
     )
     exclude_target_images: bool = Field(True, description="trigger only images whose label is not the target")
     trigger: TriggerSpec
@@ -103,7 +108,9 @@ class BackdoorAttack(Attack):
         pool = ctx.captions_naming(name) if opts.caption_source == "training" else []
         out = []
         for _ in range(n):
-            if pool:
+            if opts.caption_source == "names":
+                out.append(NAME_CAPTIONS[int(ctx.rng.integers(len(NAME_CAPTIONS)))].format(name))
+            elif pool:
                 out.append(ctx.captions[int(pool[int(ctx.rng.integers(len(pool)))])])
             else:
                 out.append(ctx.templates[int(ctx.rng.integers(len(ctx.templates)))].format(name))
