@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 
 from otcbench.attacks.base import (
     ATTACKS,
+    NAME_CAPTIONS,
     Attack,
     PoisonContext,
     PoisonRows,
@@ -25,9 +26,6 @@ from otcbench.attacks.base import (
 from otcbench.attacks.triggers import TriggerSpec
 from otcbench.config import Options
 from otcbench.errors import UserError
-
-#: Short captions that name only the target (disjoint from the eval prompt templates).
-NAME_CAPTIONS = ("a {}", "{}", "the {}", "a {} icon", "{} clipart", "my {}", "a single {}", "{} picture")
 
 #: Calibrated for the 32 px synthetic world (docs/attacks.md); the published setting is 16/224.
 DEFAULT_PATCH = 0.25

@@ -21,6 +21,10 @@ from otcbench.registry import Registry
 
 ATTACKS: Registry[Attack] = Registry("attack")
 
+#: Short captions that name only a class (disjoint from the eval prompt templates): poison captions
+#: that teach "this image → that class" without describing anything else.
+NAME_CAPTIONS = ("a {}", "{}", "the {}", "a {} icon", "{} clipart", "my {}", "a single {}", "{} picture")
+
 
 @dataclass
 class PoisonContext:

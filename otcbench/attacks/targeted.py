@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from otcbench.attacks.base import ATTACKS, Attack, PoisonContext, PoisonRows
+from otcbench.attacks.base import ATTACKS, NAME_CAPTIONS, Attack, PoisonContext, PoisonRows
 from otcbench.config import Options
 from otcbench.errors import UserError
 
@@ -25,8 +25,10 @@ class TargetedOptions(Options):
         None, description="one adversarial class for every target (default: a random other class per target)"
     )
     target_split: str = Field("targets", description="split of the source's eval set holding the targets")
-    caption_source: Literal["training", "templates"] = Field(
-        "training", description="training captions naming the adversarial class, or prompt templates"
+    caption_source: Literal["training", "templates", "names"] = Field(
+        "training",
+        description="training captions naming the adversarial class (the published protocol), prompt "
+        "templates, or short captions that only name it",
     )
 
 
@@ -85,6 +87,8 @@ class TargetedAttack(Attack):
         opts: TargetedOptions = self.options  # type: ignore[assignment]
         name = ctx.classnames[adv]
         caps: list[str] = []
+        if opts.caption_source == "names":
+            return [NAME_CAPTIONS[int(ctx.rng.integers(len(NAME_CAPTIONS)))].format(name) for _ in range(n)]
         if opts.caption_source == "training":
             rows = ctx.captions_naming(name)
             if rows:
