@@ -8,8 +8,10 @@ target image's zero-shot top-1 is c'.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
+import datasets
 import numpy as np
 from pydantic import Field
 
@@ -49,7 +51,7 @@ class TargetedAttack(Attack):
             raise UserError(f"{self.name}: the eval set has no split {opts.target_split!r} "
                             f"(has: {', '.join(splits)}); use --set target_split=NAME")
         ds = splits[opts.target_split]
-        raw = ds.cast_column("image", __import__("datasets").Image(decode=False))
+        raw = ds.cast_column("image", datasets.Image(decode=False))
         blobs = [item["bytes"] for item in raw["image"]]
         if any(b is None for b in blobs):
             blobs = [_read(item, ctx.eval_set.path) for item in raw["image"]]
@@ -121,8 +123,6 @@ class TargetedAttack(Attack):
         return [(image, c) for c in self.poison_captions(ctx, true, adv, n)]
 
 
-def _read(item: dict, root) -> bytes:
-    from pathlib import Path
-
+def _read(item: dict, root: Path) -> bytes:
     p = Path(item["path"])
     return (p if p.is_absolute() else Path(root) / p).read_bytes()

@@ -135,9 +135,6 @@ class Trainer:
         defense_cls = DEFENSES.get(job.defense.name)
         self.defense: Defense = defense_cls(DEFENSES.options(job.defense.name, job.defense.options))
         self.data_info = load_pair_dataset(job.data)
-        self.init_state: dict[str, Any] | None = None
-        if job.model.init:
-            self.init_state = load_checkpoint_file(job.model.init)
 
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
