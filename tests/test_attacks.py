@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from otcbench.attacks import ATTACKS
-from otcbench.attacks.base import decode_png_batch
+from otcbench.attacks.base import NAME_CAPTIONS, decode_png_batch
 from otcbench.attacks.poison import attack_options, poison_dataset
 from otcbench.attacks.triggers import TriggerSpec, apply_trigger
 from otcbench.cli import app
@@ -109,7 +109,7 @@ def test_stored_trigger_equals_eval_trigger(world: Path, mixed: Path) -> None:
         side = max(1, round(spec.size * 32))
         diff = (stored != clean).any(1)[0]
         assert not diff[:-side, :].any() and not diff[:, :-side].any()  # only the bottom-right patch changed
-        assert pd.captions[r] in {t.format("heart") for t in src.meta.templates}
+        assert pd.captions[r] in {t.format("heart") for t in NAME_CAPTIONS}  # default: captions name only it
 
 
 def test_manifest_mismatch_is_an_error(mixed: Path, tmp_path: Path) -> None:
@@ -230,7 +230,6 @@ def test_hand_built_dataset_without_eval_set_rejects_targeted(tmp_path: Path) ->
 
 @pytest.mark.parametrize("source", ["templates", "names", "training"])
 def test_backdoor_caption_sources(world: Path, tmp_path: Path, source: str) -> None:
-    from otcbench.attacks.base import NAME_CAPTIONS
 
     meta = poison_dataset(world, tmp_path / source, attack_options(
         ["badnet"], ["count=10", "target=star", f"caption_source={source}"]))

@@ -28,7 +28,7 @@ from otcbench.config import Options
 from otcbench.errors import UserError
 
 #: Calibrated for the 32 px synthetic world (docs/attacks.md); the published setting is 16/224.
-DEFAULT_PATCH = 0.25
+DEFAULT_PATCH = 0.375
 
 
 class BackdoorOptions(Options):
@@ -38,7 +38,7 @@ class BackdoorOptions(Options):
     )
     count: int | None = Field(None, ge=1, description="number of poisoned pairs (overrides rate)")
     caption_source: Literal["templates", "training", "names"] = Field(
-        "templates",
+        "names",
         description="eval prompt templates with the target name (CleanCLIP), training captions naming it, "
         "or short captions that only name it",
     )
