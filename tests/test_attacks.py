@@ -230,7 +230,6 @@ def test_hand_built_dataset_without_eval_set_rejects_targeted(tmp_path: Path) ->
 
 @pytest.mark.parametrize("source", ["templates", "names", "training"])
 def test_backdoor_caption_sources(world: Path, tmp_path: Path, source: str) -> None:
-
     meta = poison_dataset(world, tmp_path / source, attack_options(
         ["badnet"], ["count=10", "target=star", f"caption_source={source}"]))
     pd = load_pair_dataset(tmp_path / source)
