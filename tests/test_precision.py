@@ -47,7 +47,7 @@ def _bf16_step(device: str) -> tuple[float, float]:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
     return losses[0], losses[1]
 
