@@ -241,3 +241,23 @@ def test_backdoor_caption_sources(world: Path, tmp_path: Path, source: str) -> N
         assert all(c in src_caps and re.search(r"\bstar\b", c, re.IGNORECASE) for c in caps)
     else:
         assert set(caps) <= allowed[source]
+
+
+def test_eval_asr_end_to_end(mixed: Path, tmp_path: Path) -> None:
+    """poison → train → eval --asr with a real (tiny, briefly trained) model: keys, denominators, ranges."""
+    from otcbench.config import EvalConfig, TrainConfig, TrainJob
+    from otcbench.eval.run import evaluate
+    from otcbench.train.loop import Trainer
+
+    job = TrainJob(data=str(mixed), train=TrainConfig(epochs=1, batch_size=64, threads=1, device="cpu"))
+    Trainer(job, tmp_path / "run", show_progress=False).fit()
+    m = evaluate(tmp_path / "run", mixed, EvalConfig(asr=True, device="cpu"), poison=mixed)
+    assert m["asr_targeted_n"] == 8
+    assert m["asr_backdoor_n"] == sum(1 for c in range(len(CLASSES)) if CLASSES[c] != "heart") * 3
+    for k in ("zeroshot_top1", "linear_probe_top1", "asr_targeted", "asr_backdoor", "asr_backdoor_probe"):
+        assert 0.0 <= m[k] <= 1.0, k
+    assert set(m["asr"]) == {"targeted", "yellow", "label-consistent"}
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["asr_backdoor"] == m["asr_backdoor"]
+    with pytest.raises(UserError, match="--asr needs --poison"):
+        evaluate(tmp_path / "run", mixed, EvalConfig(asr=True, device="cpu"))

@@ -62,10 +62,12 @@ def attack_success(
     test_images: torch.Tensor,
     test_labels: torch.Tensor,
     probe: LinearProbe | None,
+    test_features: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """ASR metrics for every attack of ``manifest``.
 
-    ``features(images_uint8, transform=None)`` returns normalised image features (the model under test).
+    ``features(images_uint8, transform=None)`` returns normalised image features (the model under test);
+    ``test_features``, when given, are the already computed features of ``test_images``.
     """
     per_attack: dict[str, dict[str, Any]] = {}
     targets = None
@@ -92,7 +94,7 @@ def attack_success(
             spec = TriggerSpec.model_validate(a["trigger"])
             rng = np.random.default_rng([int(manifest["seed"]), i, EVAL_STREAM])
             trig = features(imgs, transform=lambda x, spec=spec, rng=rng: apply_trigger(spec, x, rng))
-            clean = features(imgs)
+            clean = test_features[keep] if test_features is not None else features(imgs)
             res = {
                 "kind": "backdoor",
                 "target_class": a["target_class"],

@@ -77,7 +77,7 @@ def evaluate(
         raise UserError(f"checkpoint {ck.file} does not record its model; pass --model NAME")
     if cfg.linear_probe and not {"train", "val"} <= set(es.splits):
         raise UserError(f"eval set {es.path} has no train/val splits for the linear probe; "
-                        "pass --no-linear-probe or use an eval set with train/val/test")
+                        "evaluate with --zeroshot only, or use an eval set with train/val/test")
     device = resolve_device(cfg.device)
     model = create_model(name, checkpoint=ck.file, device=device)
     amp = torch.bfloat16 if device.type == "cuda" else None
@@ -96,12 +96,13 @@ def evaluate(
     if cfg.linear_probe:
         tr_x, tr_y = load_split(es, "train")
         va_x, va_y = load_split(es, "val")
-        feats = {
+        probe_feats = {
             k: image_features(model, x, batch_size=cfg.batch_size, device=device, amp_dtype=amp)
             for k, x in (("train", tr_x), ("val", va_x))
         }
-        probe, scores = linear_probe(
-            (feats["train"], tr_y), (feats["val"], va_y), n_classes, cfg.probe_c_grid, cfg.probe_max_iter
+        probe, _ = linear_probe(
+            (probe_feats["train"], tr_y), (probe_feats["val"], va_y), n_classes, cfg.probe_c_grid,
+            cfg.probe_max_iter,
         )
         metrics["linear_probe_top1"] = accuracy(probe, test_f, test_y)
         metrics["linear_probe_c"] = probe.c
@@ -110,7 +111,9 @@ def evaluate(
             return image_features(model, x, batch_size=cfg.batch_size, device=device, amp_dtype=amp,
                                   transform=transform)
 
-        metrics.update(attack_success(poisoned, manifest, es.classnames, feats, clf, test_x, test_y, probe))
+        metrics.update(
+            attack_success(poisoned, manifest, es.classnames, feats, clf, test_x, test_y, probe, test_f)
+        )
         metrics["poison_data"] = str(poisoned.path)
     metrics.update(
         {
