@@ -14,11 +14,11 @@ import time
 
 import torch
 
+from otcbench.config import TrainConfig
 from otcbench.data.synth import WorldOptions, generate_pairs
 from otcbench.models import create_model, prepare_images
+from otcbench.train.loop import is_convnet, make_optimizer
 from otcbench.train.losses import clip_loss
-from otcbench.train.loop import make_optimizer
-from otcbench.config import TrainConfig
 
 
 def bench_world(n: int) -> dict[str, float]:
@@ -33,7 +33,7 @@ def bench_world(n: int) -> dict[str, float]:
 def bench_model(name: str, batch: int, device: str, steps: int, amp: bool) -> dict[str, float]:
     torch.manual_seed(0)
     model = create_model(name, device=device)
-    if any(isinstance(m, torch.nn.Conv2d) and m.kernel_size != m.stride for m in model.modules()):
+    if is_convnet(model):
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, TrainConfig())
     side = model.visual.image_size

@@ -9,7 +9,7 @@ target.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -23,7 +23,7 @@ from otcbench.attacks.base import (
     decode_png_batch,
     encode_png_batch,
 )
-from otcbench.attacks.triggers import TriggerSpec
+from otcbench.attacks.triggers import TriggerSpec, apply_trigger
 from otcbench.config import Options
 from otcbench.errors import UserError
 
@@ -76,7 +76,6 @@ class BackdoorAttack(Attack):
     """Triggered copies of non-target training images, captioned with the target class."""
 
     kind = "backdoor"
-    trigger_kind: ClassVar[str] = "badnet"
 
     def target_index(self, ctx: PoisonContext) -> int:
         opts: BackdoorOptions = self.options  # type: ignore[assignment]
@@ -114,23 +113,26 @@ class BackdoorAttack(Attack):
                 out.append(ctx.templates[int(ctx.rng.integers(len(ctx.templates)))].format(name))
         return out
 
-    def poison(self, ctx: PoisonContext) -> PoisonRows:
-        from otcbench.attacks.triggers import apply_trigger
-
+    def triggered_rows(self, ctx: PoisonContext) -> tuple[int, list[int], list[bytes], dict[str, Any]]:
+        """Draw the source rows, trigger their images: (target, rows, encoded images, manifest entry)."""
         opts: BackdoorOptions = self.options  # type: ignore[assignment]
         target = self.target_index(ctx)
         n = opts.n_poisons(len(ctx.captions))
-        rows_src = np.sort(ctx.rng.choice(self.candidates(ctx, target), size=n, replace=False))
-        images = decode_png_batch([ctx.image_bytes[int(i)] for i in rows_src])
-        triggered = apply_trigger(opts.trigger, images, ctx.rng)
-        out = PoisonRows()
-        out.images = encode_png_batch(triggered)
-        out.captions = self.captions(ctx, target, n)
-        out.labels = [int(ctx.labels[i]) for i in rows_src]
-        out.origin = [int(i) for i in rows_src]
-        out.manifest = {"target_class": ctx.classnames[target], "trigger": opts.trigger.model_dump(mode="json"),
-                        "source_rows": out.origin}
-        return out
+        rows = [int(i) for i in np.sort(ctx.rng.choice(self.candidates(ctx, target), size=n, replace=False))]
+        triggered = apply_trigger(opts.trigger, decode_png_batch([ctx.image_bytes[i] for i in rows]), ctx.rng)
+        manifest = {"target_class": ctx.classnames[target], "trigger": opts.trigger.model_dump(mode="json"),
+                    "source_rows": rows}
+        return target, rows, encode_png_batch(triggered), manifest
+
+    def poison(self, ctx: PoisonContext) -> PoisonRows:
+        target, rows, images, manifest = self.triggered_rows(ctx)
+        return PoisonRows(
+            images=images,
+            captions=self.captions(ctx, target, len(rows)),
+            labels=[int(ctx.labels[i]) for i in rows],
+            origin=rows,
+            manifest=manifest,
+        )
 
 
 def _register(kind: str) -> None:
@@ -139,7 +141,6 @@ def _register(kind: str) -> None:
         (BackdoorAttack,),
         {
             "Options": _options_for(kind, **({"size": DEFAULT_PATCH} if kind in ("badnet", "yellow") else {})),
-            "trigger_kind": kind,
             "__doc__": f"Backdoor with the {kind} trigger: triggered non-target images captioned with the target.",
         },
     )
@@ -160,17 +161,6 @@ class LabelConsistentBackdoor(BackdoorAttack):
         return np.asarray(ctx.captions_naming(ctx.classnames[target]), dtype=np.int64)
 
     def poison(self, ctx: PoisonContext) -> PoisonRows:
-        from otcbench.attacks.triggers import apply_trigger
-
-        opts: BackdoorOptions = self.options  # type: ignore[assignment]
-        target = self.target_index(ctx)
-        n = opts.n_poisons(len(ctx.captions))
-        rows_src = np.sort(ctx.rng.choice(self.candidates(ctx, target), size=n, replace=False))
-        triggered = apply_trigger(opts.trigger, decode_png_batch([ctx.image_bytes[int(i)] for i in rows_src]),
-                                  ctx.rng)
-        out = PoisonRows()
-        for i, blob in zip(rows_src, encode_png_batch(triggered), strict=True):
-            out.replace[int(i)] = (blob, ctx.captions[int(i)])
-        out.manifest = {"target_class": ctx.classnames[target], "trigger": opts.trigger.model_dump(mode="json"),
-                        "source_rows": [int(i) for i in rows_src]}
-        return out
+        _, rows, images, manifest = self.triggered_rows(ctx)
+        replace = {i: (blob, ctx.captions[i]) for i, blob in zip(rows, images, strict=True)}
+        return PoisonRows(replace=replace, manifest=manifest)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from otcbench.config import Options
-from otcbench.data.format import EvalSet, PairDataset
+from otcbench.data.format import EvalSet, PairDataset, decode_image, png_bytes
 from otcbench.errors import UserError
 from otcbench.registry import Registry
 
@@ -86,11 +86,7 @@ class Attack:
 
 def decode_png_batch(blobs: list[bytes]) -> torch.Tensor:
     """Encoded images → uint8 ``[N,3,H,W]`` (all the same size)."""
-    import io
-
-    from PIL import Image
-
-    arrays = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs]
+    arrays = [decode_image({"bytes": b, "path": None}) for b in blobs]
     if not arrays:
         return torch.empty(0, 3, 0, 0, dtype=torch.uint8)
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
@@ -98,11 +94,6 @@ def decode_png_batch(blobs: list[bytes]) -> torch.Tensor:
 
 def encode_png_batch(images: torch.Tensor) -> list[bytes]:
     """uint8 ``[N,3,H,W]`` → PNG bytes (lossless, so triggers survive storage bit-exactly)."""
-    from otcbench.data.format import png_bytes
-
     arr = images.permute(0, 2, 3, 1).contiguous().numpy()
     return [png_bytes(a) for a in arr]
 
-
-def fill_template(template: str, classname: str) -> str:
-    return template.format(classname)

@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
 
 from otcbench import __version__
@@ -25,6 +24,7 @@ from otcbench.data.format import (
     DatasetMeta,
     build_pair_dataset,
     fingerprint_dataset,
+    image_bytes,
     load_eval_set,
     load_pair_dataset,
     save_pair_dataset,
@@ -55,18 +55,6 @@ def attack_options(names: list[str], overrides: list[str] | None) -> list[tuple[
     return [(n, raw.get(n, {})) for n in names]
 
 
-def _image_bytes(ds: datasets.Dataset, root: Path) -> list[bytes]:
-    raw = ds.cast_column("image", datasets.Image(decode=False))
-    out = []
-    for item in raw["image"]:
-        if item["bytes"] is not None:
-            out.append(item["bytes"])
-        else:
-            p = Path(item["path"])
-            out.append((p if p.is_absolute() else root / p).read_bytes())
-    return out
-
-
 def poison_dataset(
     source: str | Path,
     out: str | Path,
@@ -92,7 +80,7 @@ def poison_dataset(
         raise UserError(f"{src.path} records no class names/templates; attacks need them to name classes")
     captions = src.captions
     labels = np.asarray(src.ds["label"], dtype=np.int64)
-    blobs = _image_bytes(src.ds, src.path)
+    blobs = image_bytes(src.ds, src.path)
 
     def ctx_for(i: int) -> PoisonContext:
         return PoisonContext(src, eval_set, classnames, templates, src.meta.synonyms, captions, labels, blobs,

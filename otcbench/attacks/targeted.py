@@ -8,15 +8,14 @@ target image's zero-shot top-1 is c'.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
-import datasets
 import numpy as np
 from pydantic import Field
 
 from otcbench.attacks.base import ATTACKS, NAME_CAPTIONS, Attack, PoisonContext, PoisonRows
 from otcbench.config import Options
+from otcbench.data.format import image_bytes
 from otcbench.errors import UserError
 
 
@@ -51,11 +50,7 @@ class TargetedAttack(Attack):
             raise UserError(f"{self.name}: the eval set has no split {opts.target_split!r} "
                             f"(has: {', '.join(splits)}); use --set target_split=NAME")
         ds = splits[opts.target_split]
-        raw = ds.cast_column("image", datasets.Image(decode=False))
-        blobs = [item["bytes"] for item in raw["image"]]
-        if any(b is None for b in blobs):
-            blobs = [_read(item, ctx.eval_set.path) for item in raw["image"]]
-        return blobs, np.asarray(ds["label"], dtype=np.int64)
+        return image_bytes(ds, ctx.eval_set.path), np.asarray(ds["label"], dtype=np.int64)
 
     def check(self, ctx: PoisonContext) -> None:
         opts: TargetedOptions = self.options  # type: ignore[assignment]
@@ -122,7 +117,3 @@ class TargetedAttack(Attack):
         """The poisoned pairs of one target (overridden by adaptive variants)."""
         return [(image, c) for c in self.poison_captions(ctx, true, adv, n)]
 
-
-def _read(item: dict, root: Path) -> bytes:
-    p = Path(item["path"])
-    return (p if p.is_absolute() else Path(root) / p).read_bytes()

@@ -335,6 +335,19 @@ def decode_image(item: Any, root: Path | None = None) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
+def image_bytes(ds: datasets.Dataset, root: Path | None = None) -> list[bytes]:
+    """The encoded bytes of every image of ``ds`` (stored bytes, or the file a relative path names)."""
+    raw = ds.cast_column("image", datasets.Image(decode=False))
+    out = []
+    for item in raw["image"]:
+        if item["bytes"] is not None:
+            out.append(item["bytes"])
+        else:
+            path = Path(item["path"])
+            out.append((path if path.is_absolute() or root is None else root / path).read_bytes())
+    return out
+
+
 def images_to_tensor(ds: datasets.Dataset, size: int | None = None, root: Path | None = None) -> torch.Tensor:
     """Decode every image of ``ds`` into one uint8 tensor ``[N,3,H,W]`` (resized to ``size`` if given).
 

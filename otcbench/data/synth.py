@@ -14,7 +14,6 @@ designed so that a tiny CLIP learns measurable zero-shot skill from the captions
 
 from __future__ import annotations
 
-import io
 import math
 import multiprocessing
 import os
@@ -25,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from otcbench import __version__
 from otcbench.config import SynthConfig
-from otcbench.data.format import DatasetMeta, build_pair_dataset, save_eval_set, save_pair_dataset
+from otcbench.data.format import DatasetMeta, build_pair_dataset, png_bytes, save_eval_set, save_pair_dataset
 from otcbench.errors import UserError
 
 CLASSES: tuple[str, ...] = (
@@ -492,11 +490,8 @@ def make_caption(rng: np.random.Generator, scene: Scene, opts: WorldOptions) -> 
 # Batch generation
 
 
-def encode_png(img: np.ndarray) -> bytes:
-    """Lossless PNG bytes of a uint8 HxWx3 array."""
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+#: PNG encoding of the world's images (lossless; the pair-dataset format's encoder).
+encode_png = png_bytes
 
 
 CHUNK = 1024

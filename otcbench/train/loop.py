@@ -79,7 +79,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
-def _is_convnet(model: torch.nn.Module) -> bool:
+def is_convnet(model: torch.nn.Module) -> bool:
+    """Whether a tower has real convolutions (not just a ViT patch embedding): those prefer NHWC."""
     return any(isinstance(m, torch.nn.Conv2d) and m.kernel_size != m.stride for m in model.modules())
 
 
@@ -147,7 +148,7 @@ class Trainer:
             # Decoding at full size then resizing every step would waste memory: resize once.
             self.data = load_train_data(self.data_info, self.tokenizer, image_size=side)
         self.caption_index = torch.arange(len(self.data))
-        if _is_convnet(self.model):
+        if is_convnet(self.model):
             # oneDNN/cuDNN convolutions run faster on NHWC; a no-op for transformer towers.
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(self.model, self.cfg)
