@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
@@ -10,9 +12,45 @@ from otcbench.config import Options
 from otcbench.registry import Registry
 
 if TYPE_CHECKING:
+    from otcbench.train.data import TrainData
     from otcbench.train.loop import Batch, Trainer
 
 DEFENSES: Registry[Defense] = Registry("defense")
+
+
+class DataContext(Protocol):
+    """What a data-side step needs: a model and the decoded dataset.
+
+    The :class:`~otcbench.train.loop.Trainer` satisfies it during training; ``otcbench defend`` builds
+    a standalone one from a checkpoint. Data-side code must only use these attributes.
+    """
+
+    model: torch.nn.Module
+    data: TrainData
+    device: torch.device
+    caption_index: torch.Tensor  # (N,) caption row currently paired with each image row
+
+    def autocast(self) -> AbstractContextManager: ...
+
+    @property
+    def embed_batch_size(self) -> int: ...
+
+
+@dataclass
+class DataStepResult:
+    """The outcome of a data-side step (re-pairing and/or filtering) over the whole dataset.
+
+    ``scores`` holds named per-pair scores where *higher means more likely a clean pair*; the first
+    key is the defense's own score (used for detection AUROC), further keys are ablations shown side
+    by side (e.g. ``global`` next to ``ot``). ``flagged`` marks the pairs the defense acted on (a
+    caption replaced, or put in the risky set): detection precision/recall are computed from it.
+    """
+
+    caption_index: torch.Tensor  # (N,) int64: caption row assigned to each image row
+    flagged: torch.Tensor  # (N,) bool
+    keep: torch.Tensor | None = None  # (N,) bool rows the CLIP loss trains on (None: all)
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    summary: dict[str, float] = field(default_factory=dict)  # scalars worth a log line
 
 
 class Defense:
@@ -47,6 +85,17 @@ class Defense:
     def batch_loss(self, trainer: Trainer, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one batch (default: the CLIP loss on the batch's image–caption pairs)."""
         return trainer.clip_batch_loss(batch), {}
+
+    def data_step(self, ctx: DataContext, epoch: int | None = None) -> DataStepResult:
+        """The defense's data-side step alone (what ``otcbench defend`` runs with a given model).
+
+        Matching/filtering defenses override this and call it from their epoch hooks; ``epoch`` is
+        None when run standalone (use the step's post-warm-up behaviour then).
+        """
+        from otcbench.errors import UserError
+
+        raise UserError(f"defense {self.name!r} has no data-side step; `defend` works with "
+                        "matching/filtering defenses (otcclip, roclip, safeclip)")
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -253,6 +253,11 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------
     # steps
 
+    @property
+    def embed_batch_size(self) -> int:
+        """Batch size for no-grad passes over the whole dataset (data-side defense steps)."""
+        return max(self.cfg.batch_size, 512)
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
