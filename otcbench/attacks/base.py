@@ -8,6 +8,7 @@ attacks into one poisoned dataset, so every defense is later tested against iden
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -37,7 +38,7 @@ class PoisonContext:
     synonyms: dict[str, list[str]]
     captions: list[str]
     labels: np.ndarray
-    image_bytes: list[bytes]  # encoded source images (PNG/JPEG bytes), by row
+    image_bytes: Sequence[bytes]  # encoded source images (PNG/JPEG bytes), by row; read when indexed
     rng: np.random.Generator
 
     def class_index(self, name: str, option: str) -> int:

@@ -6,10 +6,16 @@ then every attack's appended rows; the ``poison`` column names the attack of eac
 what evaluation needs (targets with true/adversarial classes, trigger spec and target class), plus the
 seed and the source's fingerprint. Target images are stored in ``OUT/targets``; the source's eval set is
 copied to ``OUT/eval`` so ``eval --asr`` needs only the poisoned directory. The source is never written.
+
+Poisoning at scale: when the source stores image *paths* (an imported dataset), the clean rows are not
+copied. ``OUT/source`` is a link to the source dataset directory and clean rows keep their paths under it
+(``source/images/…``), so stored paths stay relative and inside ``OUT``; only the poisoned rows carry new
+images (as bytes). Moving ``OUT`` away from the source breaks the link (docs/data.md).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,9 +28,11 @@ from otcbench.attacks.base import ATTACKS, Attack, PoisonContext, PoisonRows
 from otcbench.config import apply_overrides
 from otcbench.data.format import (
     DatasetMeta,
+    ImageBlobs,
     build_pair_dataset,
     fingerprint_dataset,
-    image_bytes,
+    has_image_paths,
+    image_cells,
     load_eval_set,
     load_pair_dataset,
     save_pair_dataset,
@@ -32,6 +40,8 @@ from otcbench.data.format import (
 from otcbench.errors import UserError
 
 TARGETS_DIR = "targets"
+#: The link inside a poisoned dataset to its path-based source's directory.
+SOURCE_LINK = "source"
 
 
 def attack_options(names: list[str], overrides: list[str] | None) -> list[tuple[str, dict[str, Any]]]:
@@ -80,7 +90,9 @@ def poison_dataset(
         raise UserError(f"{src.path} records no class names/templates; attacks need them to name classes")
     captions = src.captions
     labels = np.asarray(src.ds["label"], dtype=np.int64)
-    blobs = image_bytes(src.ds, src.path)
+    cells = image_cells(src.ds)
+    blobs = ImageBlobs(cells, src.path)  # read lazily: attacks touch only the rows they poison
+    linked = has_image_paths(src.ds)
 
     def ctx_for(i: int) -> PoisonContext:
         return PoisonContext(src, eval_set, classnames, templates, src.meta.synonyms, captions, labels, blobs,
@@ -91,7 +103,10 @@ def poison_dataset(
 
     results: list[PoisonRows] = [a.poison(ctx_for(i)) for i, a in enumerate(built)]
 
-    images, caps, labs = list(blobs), list(captions), labels.tolist()
+    # Clean rows: stored bytes stay bytes; a stored path is re-rooted under the link to the source.
+    images: list[bytes | str] = [c["bytes"] if c["bytes"] is not None else f"{SOURCE_LINK}/{c['path']}"
+                                 for c in cells]
+    caps, labs = list(captions), labels.tolist()
     poison = list(src.ds["poison"])
     origin = list(src.ds["origin"])
     manifest_attacks = []
@@ -137,6 +152,11 @@ def poison_dataset(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.parts-", dir=out.parent))
     try:
         extra: dict[str, Path] = {}
+        if linked:
+            # A relative link keeps working when source and poisoned set move together.
+            os.symlink(os.path.relpath(src.path.resolve(), out.resolve()), staging / SOURCE_LINK,
+                       target_is_directory=True)
+            extra[SOURCE_LINK] = staging / SOURCE_LINK
         if eval_set is not None:
             shutil.copytree(eval_set.path, staging / "eval")
             extra["eval"] = staging / "eval"
@@ -149,7 +169,8 @@ def poison_dataset(
             extra[TARGETS_DIR] = staging / TARGETS_DIR
         meta.poison = {
             "seed": seed,
-            "source": {"path": str(src.path), "fingerprint": src.meta.fingerprint},
+            "source": {"path": str(src.path), "fingerprint": src.meta.fingerprint,
+                       "link": SOURCE_LINK if linked else None},
             "attacks": manifest_attacks,
             "targets_fingerprint": targets_fp,
         }

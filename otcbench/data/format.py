@@ -17,8 +17,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
-from pathlib import Path
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import datasets
@@ -43,6 +43,34 @@ PAIR_FEATURES = datasets.Features(
         "origin": datasets.Value("int64"),
     }
 )
+
+
+#: How a path-based ``image`` column is written: ``save_to_disk`` embeds the files an ``Image`` column
+#: points to (and fails on paths relative to the dataset root), so such columns are stored as their plain
+#: ``{bytes, path}`` struct and cast back to ``datasets.Image`` when loaded.
+IMAGE_STORAGE = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
+
+
+def has_image_paths(ds: datasets.Dataset) -> bool:
+    """Whether some row's image is a path (no bytes): a path-based dataset."""
+    if len(ds) == 0:
+        return False
+    col = ds.with_format("arrow")["image"]  # with any select/shuffle indices applied
+    return any(chunk.field("bytes").null_count > 0 for chunk in col.chunks)
+
+
+def _for_disk(ds: datasets.Dataset) -> datasets.Dataset:
+    """``ds`` as ``save_to_disk`` must see it: path-based image columns as the plain struct (not embedded)."""
+    if isinstance(ds.features.get("image"), datasets.Image) and has_image_paths(ds):
+        return ds.cast(datasets.Features({**ds.features, "image": IMAGE_STORAGE}), keep_in_memory=True)
+    return ds
+
+
+def _from_disk(ds: datasets.Dataset) -> datasets.Dataset:
+    """Undo :func:`_for_disk` after loading: the ``image`` column is a ``datasets.Image`` again (no copy)."""
+    if isinstance(ds.features.get("image"), dict):
+        return ds.cast_column("image", datasets.Image())
+    return ds
 
 
 class DatasetMeta(BaseModel):
@@ -161,7 +189,7 @@ def save_pair_dataset(
     out = Path(out)
     tmp = _atomic_dir(out, overwrite)
     try:
-        ds.save_to_disk(str(tmp / "data"))
+        _for_disk(ds).save_to_disk(str(tmp / "data"))
         meta = meta.model_copy(
             update={
                 "kind": "pairs",
@@ -180,13 +208,21 @@ def save_pair_dataset(
 
 
 def save_eval_set(
-    splits: dict[str, datasets.Dataset], out: str | Path, meta: DatasetMeta, *, overwrite: bool = False
+    splits: dict[str, datasets.Dataset],
+    out: str | Path,
+    meta: DatasetMeta,
+    *,
+    overwrite: bool = False,
+    extra_dirs: dict[str, Path] | None = None,
 ) -> DatasetMeta:
-    """Save a labelled eval set (``train``/``val``/``test`` splits) atomically with ``otcbench.json``."""
+    """Save a labelled eval set (``train``/``val``/``test`` splits) atomically with ``otcbench.json``.
+
+    ``extra_dirs`` are moved inside in the same atomic step (an imported set's ``images/``).
+    """
     out = Path(out)
     tmp = _atomic_dir(out, overwrite)
     try:
-        dd = datasets.DatasetDict(splits)
+        dd = datasets.DatasetDict({k: _for_disk(v) for k, v in splits.items()})
         dd.save_to_disk(str(tmp / "data"))
         h = hashlib.sha256()
         for name in EVAL_SPLITS:
@@ -199,6 +235,8 @@ def save_eval_set(
                 "counts": {**meta.counts, **{k: len(v) for k, v in splits.items()}},
             }
         )
+        for name, src in (extra_dirs or {}).items():
+            os.replace(src, tmp / name)
         write_meta(tmp, meta)
         _commit_dir(tmp, out)
     except BaseException:
@@ -264,7 +302,7 @@ def load_pair_dataset(path: str | Path, *, verify: bool = True) -> PairDataset:
     if meta.kind != "pairs":
         raise UserError(f"{p} is an eval set, not a pair dataset; pass the training dataset directory")
     try:
-        ds = datasets.load_from_disk(str(p / "data"))
+        ds = _from_disk(datasets.load_from_disk(str(p / "data")))
     except Exception as err:  # datasets raises several types for broken directories
         raise UserError(f"{p}/data could not be read as a Hugging Face dataset ({type(err).__name__}); "
                         "recreate the dataset") from None
@@ -311,7 +349,8 @@ def load_eval_set(path: str | Path) -> EvalSet:
         dd = datasets.load_from_disk(str(p / "data"))
     except Exception as err:
         raise UserError(f"{p}/data could not be read ({type(err).__name__}); recreate the eval set") from None
-    splits = dict(dd) if isinstance(dd, datasets.DatasetDict) else {"test": dd}
+    raw_splits = dict(dd) if isinstance(dd, datasets.DatasetDict) else {"test": dd}
+    splits = {k: _from_disk(v) for k, v in raw_splits.items()}
     if "test" not in splits:
         raise UserError(f"eval set {p} has no 'test' split (has: {', '.join(splits)})")
     if not meta.classnames:
@@ -321,6 +360,23 @@ def load_eval_set(path: str | Path) -> EvalSet:
     return EvalSet(p, splits, meta)
 
 
+def resolve_image_path(path: str, root: Path | None) -> Path:
+    """The file a stored image path names: inside ``root`` (the dataset directory), never outside it.
+
+    Stored paths are relative POSIX paths; an absolute path or a ``..`` component is refused, so a
+    crafted dataset cannot read files elsewhere. The check is on the stored string: links that otcbench
+    itself creates (``--link-images``, a poisoned set's ``source`` link) are followed. Without a root
+    (no dataset directory) the path is used as given.
+    """
+    if root is None:
+        return Path(path)
+    rel = PurePosixPath(path)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts or "\\" in path:
+        raise UserError(f"image path {path!r} points outside the dataset directory {root}; stored paths must be "
+                        "relative and stay inside it — re-import the dataset")
+    return root.joinpath(*rel.parts)
+
+
 def decode_image(item: Any, root: Path | None = None) -> np.ndarray:
     """Decode one ``image`` cell (``{"bytes", "path"}`` or a PIL image) to uint8 HxWx3."""
     if isinstance(item, Image.Image):
@@ -328,24 +384,50 @@ def decode_image(item: Any, root: Path | None = None) -> np.ndarray:
     elif item.get("bytes") is not None:
         img = Image.open(io.BytesIO(item["bytes"]))
     else:
-        path = Path(item["path"])
-        if root is not None and not path.is_absolute():
-            path = root / path
-        img = Image.open(path)
+        img = Image.open(resolve_image_path(item["path"], root))
     return np.asarray(img.convert("RGB"))
+
+
+def read_image_cell(item: dict[str, Any], root: Path | None = None) -> bytes:
+    """The encoded bytes of one raw ``image`` cell: its stored bytes, or the file its path names."""
+    if item["bytes"] is not None:
+        return item["bytes"]
+    return resolve_image_path(item["path"], root).read_bytes()
 
 
 def image_bytes(ds: datasets.Dataset, root: Path | None = None) -> list[bytes]:
     """The encoded bytes of every image of ``ds`` (stored bytes, or the file a relative path names)."""
     raw = ds.cast_column("image", datasets.Image(decode=False))
-    out = []
-    for item in raw["image"]:
-        if item["bytes"] is not None:
-            out.append(item["bytes"])
-        else:
-            path = Path(item["path"])
-            out.append((path if path.is_absolute() or root is None else root / path).read_bytes())
-    return out
+    return [read_image_cell(item, root) for item in raw["image"]]
+
+
+def image_cells(ds: datasets.Dataset) -> list[dict[str, Any]]:
+    """The raw ``{"bytes", "path"}`` cell of every row (no file is read)."""
+    return ds.with_format("arrow")["image"].to_pylist()
+
+
+class ImageBlobs(Sequence[bytes]):
+    """The encoded image of each row of a dataset, read only when indexed.
+
+    What attacks see of the source images: a path-based dataset of millions of rows is never read whole,
+    only the rows an attack picks.
+    """
+
+    def __init__(self, cells: list[dict[str, Any]], root: Path | None) -> None:
+        self.cells = cells
+        self.root = root
+
+    def __len__(self) -> int:
+        return len(self.cells)
+
+    def __getitem__(self, i: int) -> bytes:  # type: ignore[override]
+        if isinstance(i, slice):
+            raise TypeError("ImageBlobs supports integer indices only")
+        return read_image_cell(self.cells[i], self.root)
+
+    def __iter__(self) -> Iterator[bytes]:
+        for cell in self.cells:
+            yield read_image_cell(cell, self.root)
 
 
 def images_to_tensor(ds: datasets.Dataset, size: int | None = None, root: Path | None = None) -> torch.Tensor:
@@ -355,8 +437,15 @@ def images_to_tensor(ds: datasets.Dataset, size: int | None = None, root: Path |
     """
     raw = ds.cast_column("image", datasets.Image(decode=False))
     arrays = []
-    for item in raw["image"]:
-        a = decode_image(item, root)
+    for i, item in enumerate(raw["image"]):
+        try:
+            a = decode_image(item, root)
+        except UserError:
+            raise
+        except Exception as err:  # a missing or broken file: one line naming the row, not a traceback
+            what = item["path"] if item["bytes"] is None else "stored bytes"
+            raise UserError(f"image of row {i} ({what}) in {root or 'the dataset'} could not be read "
+                            f"({type(err).__name__}); re-import or recreate the dataset") from None
         if size is not None and a.shape[:2] != (size, size):
             a = np.asarray(Image.fromarray(a).resize((size, size), Image.BICUBIC))
         arrays.append(a)
