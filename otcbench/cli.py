@@ -181,8 +181,14 @@ def train(
         raw.setdefault("train", {})["seed"] = seed
     job = validate(TrainJob, apply_overrides(raw, set_), where="train")
     trainer = Trainer(job, out, resume=resume, show_progress=_progress_enabled(no_progress))
-    last = trainer.fit()
-    console.print(f"trained {job.train.epochs} epochs of [bold]{job.model.name}[/] "
+    try:
+        last = trainer.fit()
+    finally:
+        from otcbench.train import distributed
+
+        distributed.destroy()
+    if trainer.dist.is_main:
+        console.print(f"trained {job.train.epochs} epochs of [bold]{job.model.name}[/] "
                   f"(defense {job.defense.name}); checkpoint: [bold]{last}[/]")
 
 

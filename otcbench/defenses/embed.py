@@ -1,4 +1,8 @@
-"""No-grad passes over a whole pair dataset: the features data-side defense steps score pairs with."""
+"""No-grad passes over a whole pair dataset: the features data-side defense steps score pairs with.
+
+Under torchrun each process embeds a contiguous shard of the rows and the shards are gathered, so every
+rank gets the full result (and takes identical data-side decisions) for 1/W of the compute.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,15 @@ import torch
 
 from otcbench.defenses.base import DataContext
 from otcbench.models import prepare_images
+from otcbench.train import distributed
 
 
 @torch.no_grad()
 def embed_images(ctx: DataContext, rows: torch.Tensor | None = None) -> torch.Tensor:
     """L2-normalised global image features (float32, on ``ctx.device``) of ``rows`` (default: all)."""
     rows = torch.arange(len(ctx.data)) if rows is None else rows
+    lo, hi = distributed.shard(len(rows))
+    rows = rows[lo:hi]
     model = ctx.model
     was_training = model.training
     model.eval()
@@ -22,13 +29,15 @@ def embed_images(ctx: DataContext, rows: torch.Tensor | None = None) -> torch.Te
             f = model.encode_image(images, normalize=True)
         out.append(f.float())
     model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, device=ctx.device)
+    return distributed.all_gather_rows(_cat(out, ctx))
 
 
 @torch.no_grad()
 def embed_captions(ctx: DataContext, caption_rows: torch.Tensor | None = None) -> torch.Tensor:
     """L2-normalised global text features (float32, on ``ctx.device``) of the captions of ``caption_rows``."""
     caption_rows = torch.arange(len(ctx.data)) if caption_rows is None else caption_rows
+    lo, hi = distributed.shard(len(caption_rows))
+    caption_rows = caption_rows[lo:hi]
     model = ctx.model
     was_training = model.training
     model.eval()
@@ -38,9 +47,19 @@ def embed_captions(ctx: DataContext, caption_rows: torch.Tensor | None = None) -
             f = model.encode_text(ctx.data.tokens[chunk].to(ctx.device, non_blocking=True), normalize=True)
         out.append(f.float())
     model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, device=ctx.device)
+    return distributed.all_gather_rows(_cat(out, ctx))
 
 
 def pair_cosine(ctx: DataContext) -> torch.Tensor:
     """Cosine similarity of every image with the caption it is currently paired with (N,), float32."""
     return (embed_images(ctx) * embed_captions(ctx, ctx.caption_index)).sum(-1)
+
+
+
+def _cat(parts: list[torch.Tensor], ctx: DataContext) -> torch.Tensor:
+    """Concatenate feature chunks; an empty shard (fewer rows than ranks) is [0, D] so gathering works."""
+    if parts:
+        return torch.cat(parts)
+    with torch.no_grad(), ctx.autocast():
+        dim = ctx.model.encode_text(ctx.data.tokens[:1].to(ctx.device)).shape[-1]
+    return torch.empty((0, dim), device=ctx.device)

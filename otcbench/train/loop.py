@@ -25,6 +25,7 @@ from otcbench.data.format import load_pair_dataset
 from otcbench.defenses import DEFENSES, Defense
 from otcbench.errors import UserError
 from otcbench.models import create_model, get_tokenizer, image_size, load_checkpoint_file, prepare_images
+from otcbench.train import distributed
 from otcbench.train.checkpoint import atomic_torch_save, atomic_write_text, environment_info, write_json
 from otcbench.train.data import TrainData, load_train_data
 from otcbench.train.losses import clip_loss
@@ -129,10 +130,18 @@ class Trainer:
         self.on_step = on_step
         self.cfg = job.train
         self.device = resolve_device(self.cfg.device)
+        self.dist = distributed.env_dist_info()
+        if self.dist.enabled:
+            if self.cfg.batch_size % self.dist.world_size:
+                raise UserError(f"train.batch_size={self.cfg.batch_size} is not divisible by the "
+                                f"{self.dist.world_size} processes; use a multiple of {self.dist.world_size}")
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", self.dist.local_rank)
         self.amp_dtype = autocast_dtype(self.cfg.amp, self.device)
 
         # Everything that can fail on bad input is checked here, before any long work.
         self._check_run_dir()
+        distributed.init_distributed(self.device.type)
         defense_cls = DEFENSES.get(job.defense.name)
         self.defense: Defense = defense_cls(DEFENSES.options(job.defense.name, job.defense.options))
         self.data_info = load_pair_dataset(job.data)
@@ -147,6 +156,7 @@ class Trainer:
         if self.data.images.shape[-1] != side and self.data.images.shape[-1] > 4 * side:
             # Decoding at full size then resizing every step would waste memory: resize once.
             self.data = load_train_data(self.data_info, self.tokenizer, image_size=side)
+        self.data = self.defense.train_data(self, self.data)
         self.caption_index = torch.arange(len(self.data))
         if is_convnet(self.model):
             # oneDNN/cuDNN convolutions run faster on NHWC; a no-op for transformer towers.
@@ -164,7 +174,7 @@ class Trainer:
         self.epoch_loss_n = 0
         if resume and (self.ckpt_dir / LAST).is_file():
             self._load_last()
-        else:
+        elif self.dist.is_main:
             # interrupted before its first checkpoint (or a fresh run): nothing to keep from earlier logs
             (self.out / "log.jsonl").unlink(missing_ok=True)
 
@@ -211,7 +221,9 @@ class Trainer:
         }
 
     def save(self, epoch_copy: bool) -> None:
-        """Write ``last.pt`` (and ``epoch_NNN.pt`` at epoch ends) atomically."""
+        """Write ``last.pt`` (and ``epoch_NNN.pt`` at epoch ends) atomically (rank 0 only)."""
+        if not self.dist.is_main:
+            return
         state = self._checkpoint()
         atomic_torch_save(state, self.ckpt_dir / LAST)
         if epoch_copy:
@@ -229,7 +241,8 @@ class Trainer:
         self.epoch_loss_sum = float(state.get("epoch_loss_sum", 0.0))
         self.epoch_loss_n = int(state.get("epoch_loss_n", 0))
         self.defense.load_state_dict(state["defense"])
-        self._truncate_log(self.global_step)
+        if self.dist.is_main:
+            self._truncate_log(self.global_step)
 
     def _truncate_log(self, step: int) -> None:
         """Drop log lines written after the checkpoint we resume from (they will be written again)."""
@@ -247,6 +260,9 @@ class Trainer:
         atomic_write_text(log, "".join(k + "\n" for k in keep))
 
     def log(self, record: dict[str, Any]) -> None:
+        """Append a record to ``log.jsonl`` (rank 0 only)."""
+        if not self.dist.is_main:
+            return
         with open(self.out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -278,21 +294,33 @@ class Trainer:
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.exp()
 
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """This step's per-row tensors of every process, in global-batch order, with gradient.
+
+        The identity in a single process. Contrastive losses call it on their features so that under
+        torchrun the negatives are the whole global batch (as in one process).
+        """
+        return distributed.all_gather_with_grad(x)
+
     def clip_batch_loss(self, batch: Batch) -> torch.Tensor:
-        """The plain CLIP loss of a batch (what the ``none`` defense trains with)."""
+        """The plain CLIP loss of a batch (what the ``none`` defense trains with), over the global batch."""
         img, txt = self.encode(batch.images, batch.tokens)
-        return clip_loss(img, txt, self.logit_scale())
+        return clip_loss(self.gather(img), self.gather(txt), self.logit_scale())
 
     def train_step(self, rows: torch.Tensor) -> tuple[float, dict[str, float]]:
         """One optimiser step over ``rows`` (split into ``grad_accum`` micro-batches)."""
         torch.manual_seed(step_seed(self.cfg.seed, self.global_step))
-        self.lr = cosine_lr(self.global_step, self.cfg.lr, self.warmup, self.total_steps)
+        self.lr = self.defense.learning_rate(
+            self, cosine_lr(self.global_step, self.cfg.lr, self.warmup, self.total_steps))
         for g in self.optimizer.param_groups:
             g["lr"] = self.lr
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         extras: dict[str, float] = {}
+        if self.dist.enabled:
+            lo, hi = distributed.shard(len(rows), self.dist)
+            rows = rows[lo:hi]
         for micro in rows.chunk(self.cfg.grad_accum):
             batch = self.make_batch(micro)
             with self.autocast():
@@ -300,6 +328,10 @@ class Trainer:
             self.scaler.scale(loss / self.cfg.grad_accum).backward()
             total += loss.detach() / self.cfg.grad_accum
             extras.update(extra)
+        if self.dist.enabled:
+            distributed.average_gradients(self.model)
+            torch.distributed.all_reduce(total)
+            total /= self.dist.world_size
         if self.cfg.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -315,16 +347,21 @@ class Trainer:
 
     def fit(self) -> Path:
         """Train to ``train.epochs``; returns the path of the final checkpoint."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / "config.yaml", dump_yaml(self.job))
-        write_json(self.out / "env.json", environment_info(self.device))
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "config.yaml", dump_yaml(self.job))
+            info = environment_info(self.device)
+            info["world_size"] = self.dist.world_size
+            write_json(self.out / "env.json", info)
+        distributed.barrier()
         self.defense.on_train_start(self)
-        with _progress(self.show_progress) as progress:
+        with _progress(self.show_progress and self.dist.is_main) as progress:
             ep_task = progress.add_task("epochs", total=self.cfg.epochs, completed=self.epoch, info="")
             step_task = progress.add_task("steps", total=self.steps_per_epoch, info="")
             while self.epoch < self.cfg.epochs:
                 self._run_epoch(progress, step_task)
                 progress.update(ep_task, completed=self.epoch)
+        distributed.barrier()
         return self.ckpt_dir / LAST
 
     def _run_epoch(self, progress: Any, step_task: Any) -> None:
