@@ -1,0 +1,545 @@
+"""``otcclip``: optimal-transport caption matching and fine-grained alignment (Zhang, Gao, Bai et al., EMNLP 2025).
+
+This is otcbench's reading of the paper's abstract (DESIGN §7; the body text and code were not available),
+every choice an option with a documented default (``docs/otcclip.md``):
+
+* **OT distance** between an image's token set V (patches / grid cells) and a caption's token set W
+  (real tokens): cost 1 − cos, uniform marginals (or token-to-global weights), entropic OT by log-domain
+  Sinkhorn (:mod:`otcbench.ot`), d_OT = ⟨T*, C⟩ with the plan treated as a constant in the backward pass.
+* **Matching** (a data-side step: :meth:`OTCCLIP.data_step`, run from :meth:`OTCCLIP.on_epoch_start`
+  every ``match_every`` epochs after ``warmup_epochs``): for each image the ``top_k`` captions of a pool by
+  global cosine, plus its own caption, are re-ranked by s = α·cos(g_I, g_T) + (1 − α)·(1 − d_OT(V, W)); the
+  image trains with the best one (``trainer.caption_index``). Batched on the device, chunked, no Python
+  loop over pairs, and sharded by rank under torch.distributed ("score rows [lo, hi)" + all-gather).
+* **Losses**: L = L_CLIP(matched pairs) + λ_inter·L_inter + λ_intra·L_intra, with L_inter the OT distance
+  between each image and its assigned caption (mean over pairs, or an InfoNCE over logits −d_OT/τ), and
+  L_intra the OT distance between the token sets of two views of the same image and of a caption and its
+  EDA variant — on a fraction of the batch, reusing the main forward as one view (the cost trade-off of
+  ``intra_fraction`` / ``intra_views`` is measured in docs/otcclip.md).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from otcbench.config import Options
+from otcbench.defenses.base import DEFENSES, DataContext, DataStepResult, Defense
+from otcbench.errors import UserError
+from otcbench.models import encode_fine_grained, encode_image_tokens, encode_text_tokens
+from otcbench.train.losses import clip_loss
+
+if TYPE_CHECKING:
+    from otcbench.train.loop import Batch, Trainer
+
+__all__ = ["OTCCLIP", "OTCCLIPOptions", "rank_candidates", "shard_bounds"]
+
+
+class OTCCLIPOptions(Options):
+    """Options of ``--defense otcclip`` (set with ``--set defense.options.KEY=VALUE``)."""
+
+    # ---- matching ------------------------------------------------------------------------------
+    warmup_epochs: int = Field(
+        2, ge=0, description="plain epochs before the first matching (the model must know something first)"
+    )
+    match_every: int = Field(1, ge=1, description="re-match captions every N epochs after the warm-up")
+    top_k: int = Field(5, ge=1, description="pool captions per image pre-selected by global cosine")
+    alpha: float = Field(
+        0.5, ge=0, le=1, description="matching score s = alpha·cos(g_I,g_T) + (1-alpha)·(1 - d_OT(V,W))"
+    )
+    score: Literal["ot", "global"] = Field(
+        "ot", description="ot: re-rank by s; global: by global cosine only (the ablation: RoCLIP-style matching)"
+    )
+    pool_size: int | None = Field(
+        None, ge=1, description="caption pool: None = every caption of the dataset; N = the N most recently "
+        "trained captions (the FIFO a streaming trainer holds)"
+    )
+    margin: float = Field(
+        0.0, ge=0, description="re-pair only when the best candidate beats the own caption by more than this"
+    )
+    match_chunk: int = Field(256, ge=1, description="images scored per chunk (memory: chunk·(top_k+1) OT problems)")
+    # ---- optimal transport ---------------------------------------------------------------------
+    eps: float = Field(0.05, gt=0, description="entropic regularisation of Sinkhorn (cost 1 - cos is in [0, 2])")
+    sinkhorn_iters: int = Field(50, ge=1, description="Sinkhorn iterations (upper bound when sinkhorn_tol is set)")
+    sinkhorn_tol: float | None = Field(None, gt=0, description="stop early when the marginal error is below this")
+    marginals: Literal["uniform", "weighted"] = Field(
+        "uniform", description="token masses: uniform over real tokens, or from token-to-global similarity"
+    )
+    drop_sot: bool = Field(
+        True, description="leave the start-of-text token out of caption token sets: under the causal mask its "
+        "state is the same for every caption, so it carries no information"
+    )
+    # ---- alignment losses ----------------------------------------------------------------------
+    inter_weight: float = Field(0.1, ge=0, description="λ_inter: inter-modality OT loss weight (0 = off)")
+    inter_loss: Literal["pairwise", "contrastive"] = Field(
+        "pairwise", description="pairwise: mean d_OT(image, its caption); contrastive: InfoNCE over -d_OT/tau "
+        "within the batch (B² OT problems)"
+    )
+    inter_tau: float = Field(0.1, gt=0, description="temperature of the contrastive inter-modality loss")
+    intra_weight: float = Field(0.1, ge=0, description="λ_intra: intra-modality OT loss weight (0 = off)")
+    intra_modalities: Literal["both", "image", "text"] = Field(
+        "both", description="image: two views of an image; text: a caption and its EDA variant; both: their mean"
+    )
+    intra_fraction: float = Field(
+        0.25, gt=0, le=1, description="fraction of each batch that gets the intra-modality loss (extra forwards)"
+    )
+    intra_views: Literal["reuse", "two"] = Field(
+        "reuse", description="reuse: the main (un-augmented) forward is view 1, one augmented view is encoded; "
+        "two: two fresh augmented views (one more image forward)"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# features (module-level so tests can substitute hand-built feature extractors)
+
+
+def _image_features(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global [B, D], tokens [B, n, D]) of uint8 images, one forward of the image tower."""
+    return encode_image_tokens(model, images)
+
+
+def _text_features(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(global [B, D], tokens [B, m, D], mask [B, m]) of token ids, one forward of the text tower."""
+    return encode_text_tokens(model, tokens)
+
+
+# ------------------------------------------------------------------------------------------------
+# pure helpers
+
+
+def shard_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Rows [lo, hi) of ``rank`` in a balanced contiguous split of ``n`` rows over ``world_size`` ranks."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def _dist_info() -> tuple[int, int]:
+    """(world_size, rank) under an initialised torch.distributed group, else (1, 0)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def _gather_rows(part: torch.Tensor, n: int, world_size: int) -> torch.Tensor:
+    """Concatenate every rank's rows [lo, hi) (in rank order) into the full (n, ...) tensor."""
+    if world_size == 1:
+        return part
+    widest = -(-n // world_size)  # shards differ by at most one row: pad to the widest for all_gather
+    padded = part.new_zeros((widest, *part.shape[1:]))
+    padded[: part.shape[0]] = part
+    bufs = [torch.empty_like(padded) for _ in range(world_size)]
+    torch.distributed.all_gather(bufs, padded)
+    sizes = [shard_bounds(n, world_size, r)[1] - shard_bounds(n, world_size, r)[0] for r in range(world_size)]
+    return torch.cat([b[:s] for b, s in zip(bufs, sizes, strict=True)])
+
+
+def _progress_on(ctx: Any) -> bool:
+    return bool(getattr(ctx, "show_progress", False)) and not os.environ.get("OTCBENCH_NO_PROGRESS")
+
+
+def rank_candidates(
+    cos: torch.Tensor,
+    ot_sim: torch.Tensor | None,
+    alpha: float,
+    margin: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the best candidate per image; column 0 is the image's own caption.
+
+    Args:
+        cos: [c, K] global cosine of each image with its K candidates (column 0: own caption).
+        ot_sim: [c, K] 1 − d_OT of the same pairs, or None for global-only matching.
+        alpha: weight of the global term in s = α·cos + (1 − α)·ot_sim.
+        margin: a candidate replaces the own caption only if it scores more than ``margin`` higher.
+
+    Returns:
+        (choice [c] column index, score s [c, K]). Ties go to the own caption (argmax keeps the first).
+    """
+    s = cos if ot_sim is None else alpha * cos + (1.0 - alpha) * ot_sim
+    best = s.argmax(dim=1)
+    gain = s.gather(1, best[:, None]).squeeze(1) - s[:, 0]
+    return torch.where(gain > margin, best, torch.zeros_like(best)), s
+
+
+# ------------------------------------------------------------------------------------------------
+# the defense
+
+
+@DEFENSES.register("otcclip")
+class OTCCLIP(Defense):
+    """OTCCLIP: re-pair captions by global + fine-grained OT score; OT inter/intra-modality alignment losses."""
+
+    Options = OTCCLIPOptions
+    options: OTCCLIPOptions
+
+    def __init__(self, options: OTCCLIPOptions) -> None:
+        super().__init__(options)
+        self.matched_epoch = -1  # the last epoch whose matching is reflected in trainer.caption_index
+        self._syn: Any = None
+
+    # ---- OT ------------------------------------------------------------------------------------
+
+    def ot_distance(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        x_mask: torch.Tensor | None,
+        y_mask: torch.Tensor | None,
+        x_global: torch.Tensor | None = None,
+        y_global: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """d_OT [B] between token sets x [B, n, d] and y [B, m, d] with this defense's OT options."""
+        from otcbench import ot  # imported on use: the defense registry must import without OT deps
+
+        o = self.options
+        a, b = self._marginals(ot, x, x_mask, x_global, y, y_mask, y_global)
+        return ot.ot_distance(x, y, x_mask, y_mask, a=a, b=b, eps=o.eps, n_iters=o.sinkhorn_iters, tol=o.sinkhorn_tol)
+
+    def ot_distance_matrix(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        x_mask: torch.Tensor | None,
+        y_mask: torch.Tensor | None,
+        x_global: torch.Tensor | None = None,
+        y_global: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """d_OT [P, Q] between every token set of x [P, n, d] and every one of y [Q, m, d]."""
+        from otcbench import ot
+
+        o = self.options
+        a, b = self._marginals(ot, x, x_mask, x_global, y, y_mask, y_global)
+        return ot.ot_distance_matrix(x, y, x_mask, y_mask, a=a, b=b, eps=o.eps, n_iters=o.sinkhorn_iters,
+                                     tol=o.sinkhorn_tol)
+
+    def _marginals(self, ot: Any, x: torch.Tensor, x_mask: torch.Tensor | None, x_global: torch.Tensor | None,
+                   y: torch.Tensor, y_mask: torch.Tensor | None, y_global: torch.Tensor | None,
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.options.marginals == "uniform" or x_global is None or y_global is None:
+            return None, None
+        # marginals are constants of the transport problem: no gradient through the token weights
+        return (ot.token_weights(x, x_global, x_mask).detach(), ot.token_weights(y, y_global, y_mask).detach())
+
+    def _text_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        if self.options.drop_sot:
+            mask = mask.clone()
+            mask[:, 0] = False
+        return mask
+
+    # ---- schedule ------------------------------------------------------------------------------
+
+    def due(self, epoch: int) -> bool:
+        """Whether matching runs at the start of ``epoch`` (0-based)."""
+        o = self.options
+        return epoch >= o.warmup_epochs and (epoch - o.warmup_epochs) % o.match_every == 0
+
+    # ---- hooks ---------------------------------------------------------------------------------
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        """Fail fast (before any step) on a model without fine-grained tokens or missing augmentations."""
+        with torch.no_grad():
+            was = trainer.model.training
+            trainer.model.eval()
+            try:
+                _image_features(trainer.model, trainer.data.images[:1].to(trainer.device))
+                _text_features(trainer.model, trainer.data.tokens[:1].to(trainer.device))
+            finally:
+                trainer.model.train(was)
+        if self.options.intra_weight > 0:
+            _augmenters(self.options.intra_modalities)
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        """Re-match captions when the schedule says so (once per epoch, also across a resume)."""
+        if not self.due(epoch) or self.matched_epoch == epoch:
+            return
+        t0 = time.perf_counter()
+        result = self.data_step(trainer, epoch)
+        trainer.caption_index = result.caption_index.cpu()
+        self.matched_epoch = epoch
+        # step = the epoch's first step: a resume from the previous epoch's checkpoint drops this line
+        # (matching runs again), a resume from inside this epoch keeps it (matching is not repeated)
+        trainer.log({"type": "otcclip_match", "epoch": epoch, "step": trainer.global_step + 1,
+                     "seconds": round(time.perf_counter() - t0, 2), **result.summary})
+
+    def data_step(self, ctx: DataContext, epoch: int | None = None) -> DataStepResult:
+        """Match every image with the best caption of its candidates (see the module docstring).
+
+        ``scores``: ``match`` (the score the matching ranks by, of the image with its own caption), ``ot``
+        (1 − d_OT of the own pair) and ``global`` (cosine of the own pair) — higher = more likely clean.
+        """
+        n = len(ctx.data)
+        world, rank = _dist_info()
+        pool = self._pool_rows(ctx, epoch)
+        pool_global = self._pool_globals(ctx, pool, world, rank)
+        lo, hi = shard_bounds(n, world, rank)
+        assigned, own = self.score_rows(ctx, lo, hi, pool, pool_global)
+        assigned = _gather_rows(assigned, n, world).cpu()
+        own = _gather_rows(own, n, world).cpu()
+        flagged = assigned != torch.arange(n)
+        scores = {"match": own[:, 0], "ot": own[:, 1], "global": own[:, 2]}
+        summary: dict[str, Any] = {"repaired": float(flagged.float().mean()), "repaired_n": int(flagged.sum()),
+                                   "pool": int(pool.numel()), "image_tokens": int(own[0, 3]) if n else 0}
+        poison = [bool(p) for p in ctx.data.poison]
+        if any(poison):
+            from otcbench.eval.detection import detection_metrics
+
+            m = detection_metrics(flagged, scores, poison)
+            summary.update({k: m[k] for k in ("poison_repaired", "clean_repaired", "detect_auroc_match",
+                                              "detect_auroc_ot", "detect_auroc_global")})
+        return DataStepResult(caption_index=assigned, flagged=flagged, scores=scores, summary=summary)
+
+    # ---- matching internals --------------------------------------------------------------------
+
+    def _pool_rows(self, ctx: DataContext, epoch: int | None) -> torch.Tensor:
+        """Caption rows that compete for every image (besides its own caption)."""
+        n = len(ctx.data)
+        size = self.options.pool_size
+        if size is None or size >= n:
+            return torch.arange(n)
+        cfg = getattr(ctx, "cfg", None)
+        if epoch is None or epoch == 0 or cfg is None:
+            # standalone: what a FIFO holds after one pass over the data in stored order
+            return torch.arange(n - size, n)
+        # the captions trained last in the previous epoch: what a FIFO fed by the loop holds now
+        from otcbench.train.loop import epoch_order
+
+        order = epoch_order(n, cfg.seed, epoch - 1)
+        bs = min(cfg.batch_size, n)
+        used = order[: max(1, n // bs) * bs]
+        return used[-size:].sort().values
+
+    def _pool_globals(self, ctx: DataContext, pool: torch.Tensor, world: int, rank: int) -> torch.Tensor:
+        """L2-normalised global features [P, D] of the pool captions (sharded over ranks, then gathered)."""
+        lo, hi = shard_bounds(pool.numel(), world, rank)
+        parts = []
+        model = ctx.model
+        with _eval_mode(model), torch.no_grad():
+            for chunk in pool[lo:hi].split(max(1, ctx.embed_batch_size)):
+                with ctx.autocast():
+                    g, _, _ = _text_features(model, ctx.data.tokens[chunk].to(ctx.device, non_blocking=True))
+                parts.append(F.normalize(g.float(), dim=-1))
+        dim = parts[0].shape[1] if parts else 1
+        mine = torch.cat(parts) if parts else torch.empty(0, dim, device=ctx.device)
+        return _gather_rows(mine, pool.numel(), world)
+
+    @torch.no_grad()
+    def score_rows(
+        self, ctx: DataContext, lo: int, hi: int, pool: torch.Tensor, pool_global: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Match image rows [lo, hi): returns (assigned caption row [h], own-pair stats [h, 4]).
+
+        The stats columns are the own pair's matching score, 1 − d_OT, cosine, and the number of image
+        tokens. Batched per chunk: one image-tower forward, top-k by a matrix product with the pool, one
+        text-tower forward over the chunk's distinct candidates, one batched OT call.
+        """
+        o = self.options
+        model = ctx.model
+        device = ctx.device
+        rows = torch.arange(lo, hi)
+        k = min(o.top_k, pool.numel())
+        pool_dev = pool.to(device)
+        out_rows, out_stats = [], []
+        chunks = rows.split(o.match_chunk)
+        with _eval_mode(model), _chunk_progress(_progress_on(ctx), len(chunks), "otcclip matching") as advance:
+            for chunk in chunks:
+                c = chunk.numel()
+                with ctx.autocast():
+                    g_img, v = _image_features(model, ctx.data.images[chunk].to(device, non_blocking=True))
+                g_img = F.normalize(g_img.float(), dim=-1)
+                v = v.float()
+                own = chunk.to(device)[:, None]
+                if k:
+                    top = (g_img @ pool_global.t()).topk(k, dim=1).indices
+                    cand = torch.cat([own, pool_dev[top]], dim=1)  # [c, 1 + k], column 0: own caption
+                else:
+                    cand = own
+                uniq, inv = torch.unique(cand, return_inverse=True)
+                with ctx.autocast():
+                    g_txt, w, w_mask = _text_features(model, ctx.data.tokens[uniq.cpu()].to(device, non_blocking=True))
+                g_txt = F.normalize(g_txt.float(), dim=-1)
+                w = w.float()
+                w_mask = self._text_mask(w_mask)
+                cos = (g_img[:, None, :] * g_txt[inv]).sum(-1)  # [c, K]
+                # the own pair's OT score is always computed (detection reports it); all candidates' only
+                # when OT decides the matching
+                cols = cand.shape[1] if o.score == "ot" else 1
+                idx = inv[:, :cols].reshape(-1)
+                vv = v[:, None].expand(c, cols, *v.shape[1:]).reshape(c * cols, *v.shape[1:])
+                gg = g_img[:, None].expand(c, cols, -1).reshape(c * cols, -1)
+                v_mask = torch.ones(vv.shape[:2], dtype=torch.bool, device=device)
+                d = self.ot_distance(vv, w[idx], v_mask, w_mask[idx], gg, g_txt[idx]).float().view(c, cols)
+                ot_sim = 1.0 - d
+                choice, s = rank_candidates(cos, ot_sim if o.score == "ot" else None, o.alpha, o.margin)
+                best = cand.gather(1, choice[:, None]).squeeze(1)
+                # a different row with the very same caption text is not a replacement
+                same_text = (ctx.data.tokens[best.cpu()] == ctx.data.tokens[chunk]).all(dim=1).to(device)
+                best = torch.where(same_text, own[:, 0], best)
+                stats = torch.stack([s[:, 0], ot_sim[:, 0], cos[:, 0],
+                                     torch.full_like(cos[:, 0], float(v.shape[1]))], dim=1)
+                out_rows.append(best)
+                out_stats.append(stats)
+                advance()
+        if not out_rows:
+            return torch.empty(0, dtype=torch.long, device=device), torch.empty(0, 4, device=device)
+        return torch.cat(out_rows), torch.cat(out_stats)
+
+    # ---- losses --------------------------------------------------------------------------------
+
+    def batch_loss(self, trainer: Trainer, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """L_CLIP on the matched pairs + λ_inter·L_inter + λ_intra·L_intra, one forward per tower."""
+        o = self.options
+        if o.inter_weight == 0 and o.intra_weight == 0:
+            return trainer.clip_batch_loss(batch), {}
+        fg = encode_fine_grained(trainer.model, batch.images, batch.tokens)
+        img = F.normalize(fg.image_global, dim=-1)
+        txt = F.normalize(fg.text_global, dim=-1)
+        loss_clip = clip_loss(img, txt, trainer.logit_scale())
+        t_mask = self._text_mask(fg.text_mask)
+        loss = loss_clip
+        extras = {"loss_clip": float(loss_clip.detach())}
+        if o.inter_weight > 0:
+            loss_inter = self.inter_loss(fg.image_tokens, fg.image_global, fg.text_tokens, t_mask, fg.text_global)
+            loss = loss + o.inter_weight * loss_inter
+            extras["loss_inter"] = float(loss_inter.detach())
+        if o.intra_weight > 0:
+            loss_intra = self.intra_loss(trainer, batch, fg.image_tokens, fg.image_global, fg.text_tokens, t_mask,
+                                         fg.text_global)
+            loss = loss + o.intra_weight * loss_intra
+            extras["loss_intra"] = float(loss_intra.detach())
+        return loss, extras
+
+    def inter_loss(
+        self,
+        v: torch.Tensor,
+        g_img: torch.Tensor,
+        w: torch.Tensor,
+        w_mask: torch.Tensor,
+        g_txt: torch.Tensor,
+    ) -> torch.Tensor:
+        """Inter-modality OT loss of a batch: image i with caption i (pairwise mean, or contrastive)."""
+        v_mask = torch.ones(v.shape[:2], dtype=torch.bool, device=v.device)
+        if self.options.inter_loss == "pairwise":
+            return self.ot_distance(v, w, v_mask, w_mask, g_img, g_txt).mean()
+        d = self.ot_distance_matrix(v, w, v_mask, w_mask, g_img, g_txt)  # [B, B]
+        logits = -d.float() / self.options.inter_tau
+        target = torch.arange(d.shape[0], device=d.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+    def intra_loss(
+        self,
+        trainer: Trainer,
+        batch: Batch,
+        v: torch.Tensor,
+        g_img: torch.Tensor,
+        w: torch.Tensor,
+        w_mask: torch.Tensor,
+        g_txt: torch.Tensor,
+    ) -> torch.Tensor:
+        """Intra-modality OT loss on the first ``intra_fraction`` of the batch (a random subset: rows are shuffled).
+
+        Image: d_OT between two views' token sets (the main forward and one augmented view, or two augmented
+        views). Text: d_OT between a caption's tokens and its EDA variant's. Randomness comes from the
+        per-step-seeded global RNG, so a resumed run draws the same views.
+        """
+        o = self.options
+        model = trainer.model
+        device = trainer.device
+        s = max(1, round(o.intra_fraction * v.shape[0]))
+        augment_images, eda_batch = _augmenters(o.intra_modalities)
+        parts = []
+        if o.intra_modalities in ("both", "image"):
+            # augmented on the device with the global RNG, which the trainer reseeds at every step
+            raw = trainer.data.images[batch.rows[:s]].to(device, non_blocking=True)
+            if o.intra_views == "reuse":
+                view1, g1 = v[:s], g_img[:s]
+                g2, view2 = encode_image_tokens(model, augment_images(raw))
+            else:
+                g, tok = encode_image_tokens(model, torch.cat([augment_images(raw), augment_images(raw)]))
+                view1, view2, g1, g2 = tok[:s], tok[s:], g[:s], g[s:]
+            ones = torch.ones(view1.shape[:2], dtype=torch.bool, device=device)
+            ones2 = torch.ones(view2.shape[:2], dtype=torch.bool, device=device)
+            parts.append(self.ot_distance(view1, view2, ones, ones2, g1, g2).mean())
+        if o.intra_modalities in ("both", "text"):
+            seed = int(torch.randint(0, 2**31 - 1, ()))
+            captions = [trainer.data.captions[int(r)] for r in batch.caption_rows[:s]]
+            variants = trainer.tokenizer(eda_batch(captions, seed, synonyms=self._thesaurus(trainer))).to(device)
+            g2, w2, m2 = encode_text_tokens(model, variants)
+            parts.append(self.ot_distance(w[:s], w2, w_mask[:s], self._text_mask(m2), g_txt[:s], g2).mean())
+        return torch.stack(parts).mean()
+
+    def _thesaurus(self, trainer: Trainer) -> Any:
+        """The EDA thesaurus (WordNet + the dataset's synonyms), built once per run."""
+        if self._syn is None:
+            from otcbench.data.text_augment import Thesaurus
+
+            info = getattr(trainer, "data_info", None)
+            self._syn = Thesaurus(info.meta.synonyms if info is not None else None)
+        return self._syn
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"matched_epoch": self.matched_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.matched_epoch = int(state.get("matched_epoch", -1))
+
+
+# ------------------------------------------------------------------------------------------------
+# small utilities
+
+
+def _augmenters(modalities: str) -> tuple[Any, Any]:
+    """(augment_images, eda_batch) from the shared augmentation modules; one clear line if missing."""
+    aug = eda = None
+    try:
+        if modalities in ("both", "image"):
+            from otcbench.data.augment import augment_images as aug
+        if modalities in ("both", "text"):
+            from otcbench.data.text_augment import eda_batch as eda
+    except ImportError as err:  # the augmentation modules ship with the baselines
+        raise UserError(f"otcclip's intra-modality loss needs {err.name} (image/text augmentation), which is not "
+                        "available; train with --set defense.options.intra_weight=0") from None
+    return aug, eda
+
+
+class _eval_mode(AbstractContextManager):
+    """Put a model in eval mode for a no-grad pass and restore its mode afterwards."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> torch.nn.Module:
+        self.was_training = self.model.training
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.train(self.was_training)
+
+
+class _chunk_progress(AbstractContextManager):
+    """A rich progress bar over chunks (a no-op when disabled); yields ``advance()``."""
+
+    def __init__(self, enabled: bool, total: int, description: str) -> None:
+        self.enabled, self.total, self.description = enabled, total, description
+        self._cm: AbstractContextManager = nullcontext()
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), transient=True)
+        self._cm = progress
+        progress.__enter__()
+        task = progress.add_task(self.description, total=self.total)
+        return lambda: progress.advance(task)
+
+    def __exit__(self, *exc: object) -> None:
+        self._cm.__exit__(*exc)

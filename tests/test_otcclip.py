@@ -1,0 +1,460 @@
+"""Tests for the otcclip defense: matching mechanism on hand-built features, losses against their formulas,
+sharding, the caption pool, exact resume with matching, options.
+
+Feature-level tests substitute the model's feature extractors (``otcclip._image_features`` /
+``_text_features``) with lookup tables, so the expected assignment is known by construction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import otcbench.ot as ot
+from otcbench.config import DefenseConfig, SynthConfig, TrainJob
+from otcbench.data.synth import write_world
+from otcbench.defenses import DEFENSES
+from otcbench.defenses import otcclip as oc
+from otcbench.errors import UserError
+from otcbench.models import encode_image_tokens, encode_text_tokens
+from otcbench.train.data import TrainData
+from otcbench.train.loop import Trainer, epoch_order
+
+if not hasattr(ot, "ot_distance"):  # TEMPORARY until otcbench/ot/__init__.py lands: its API from the module
+    from otcbench.ot import sinkhorn as _sinkhorn
+
+    for _name in _sinkhorn.__all__:
+        setattr(ot, _name, getattr(_sinkhorn, _name))
+
+D = 8  # feature dimension of the hand-built worlds
+SOT = 7  # the start-of-text token's (constant) embedding direction
+
+
+def e(*dims: int, w: list[float] | None = None) -> torch.Tensor:
+    """A vector with ones (or weights ``w``) at ``dims``."""
+    v = torch.zeros(D)
+    for i, d in enumerate(dims):
+        v[d] += 1.0 if w is None else w[i]
+    return v
+
+
+# --------------------------------------------------------------------------------------------------
+# a hand-built world: images and captions are keys into feature tables
+
+
+@dataclass
+class FakeWorld:
+    """Image key → (global, tokens); caption key → (global, tokens incl. SOT, mask)."""
+
+    images: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    captions: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def image(self, key: int, glob: torch.Tensor, tokens: list[torch.Tensor]) -> None:
+        self.images[key] = (glob, torch.stack(tokens))
+
+    def caption(self, key: int, glob: torch.Tensor, tokens: list[torch.Tensor], m: int = 4) -> None:
+        toks = torch.zeros(m, D)
+        mask = torch.zeros(m, dtype=torch.bool)
+        for i, t in enumerate([e(SOT), *tokens]):
+            toks[i], mask[i] = t, True
+        self.captions[key] = (glob, toks, mask)
+
+    def image_features(self, model: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = images[:, 0, 0, 0].long().tolist()
+        return (torch.stack([self.images[k][0] for k in keys]), torch.stack([self.images[k][1] for k in keys]))
+
+    def text_features(self, model: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        keys = tokens[:, 1].tolist()
+        return tuple(torch.stack([self.captions[k][i] for k in keys]) for i in range(3))
+
+
+def train_data(image_keys: list[int], caption_keys: list[int], poison: list[str] | None = None) -> TrainData:
+    n = len(image_keys)
+    images = torch.zeros(n, 3, 4, 4, dtype=torch.uint8)
+    images[:, 0, 0, 0] = torch.tensor(image_keys, dtype=torch.uint8)
+    tokens = torch.tensor([[49406, k, 49407, 0] for k in caption_keys])
+    return TrainData(images, tokens, torch.zeros(n, dtype=torch.long), poison or [""] * n,
+                     [f"caption {k}" for k in caption_keys])
+
+
+@dataclass
+class Ctx:
+    """A minimal DataContext."""
+
+    data: TrainData
+    model: torch.nn.Module = field(default_factory=lambda: torch.nn.Linear(1, 1))
+    device: torch.device = torch.device("cpu")
+    caption_index: torch.Tensor | None = None
+    cfg: Any = None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    @property
+    def embed_batch_size(self) -> int:
+        return 2  # several chunks even on tiny data
+
+
+def defense(**options: Any) -> oc.OTCCLIP:
+    return DEFENSES.get("otcclip")(DEFENSES.options("otcclip", options))
+
+
+@pytest.fixture
+def use_world(monkeypatch: pytest.MonkeyPatch) -> Callable[[FakeWorld], None]:
+    def install(world: FakeWorld) -> None:
+        monkeypatch.setattr(oc, "_image_features", world.image_features)
+        monkeypatch.setattr(oc, "_text_features", world.text_features)
+
+    return install
+
+
+def identity_world() -> tuple[FakeWorld, TrainData]:
+    """Three classes; image c has 4 tokens e_c, caption c has tokens e_c e_c. Rows 0 and 1 have swapped captions."""
+    w = FakeWorld()
+    for c in range(3):
+        w.image(c, e(c), [e(c)] * 4)
+        w.caption(c, e(c), [e(c), e(c)])
+    data = train_data([0, 1, 2, 0, 1, 2], [1, 0, 2, 0, 1, 2], ["badnet", "badnet", "", "", "", ""])
+    return w, data
+
+
+# --------------------------------------------------------------------------------------------------
+# ranking
+
+
+def test_rank_candidates_own_caption_wins_ties_and_margin() -> None:
+    cos = torch.tensor([[0.5, 0.5, 0.2], [0.1, 0.9, 0.3], [0.8, 0.2, 0.1]])
+    choice, s = oc.rank_candidates(cos, None, alpha=1.0)
+    assert choice.tolist() == [0, 1, 0]  # a tie keeps the own caption (column 0); the own best stays
+    assert torch.equal(s, cos)
+    choice, _ = oc.rank_candidates(cos, None, alpha=1.0, margin=0.85)
+    assert choice.tolist() == [0, 0, 0]  # 0.9 - 0.1 = 0.8 does not beat the margin
+
+
+def test_rank_candidates_mixes_global_and_ot() -> None:
+    cos = torch.tensor([[0.0, 1.0, 0.6]])
+    ot_sim = torch.tensor([[0.0, 0.0, 1.0]])
+    choice, s = oc.rank_candidates(cos, ot_sim, alpha=0.5)
+    assert choice.tolist() == [2]
+    assert torch.allclose(s, torch.tensor([[0.0, 0.5, 0.8]]))
+    assert oc.rank_candidates(cos, ot_sim, alpha=1.0)[0].tolist() == [1]  # alpha 1 = global only
+
+
+def test_shard_bounds_cover_rows_once() -> None:
+    for n in (0, 1, 7, 10):
+        for world in (1, 2, 3, 4):
+            bounds = [oc.shard_bounds(n, world, r) for r in range(world)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+            assert max(h - lo for lo, h in bounds) - min(h - lo for lo, h in bounds) <= 1
+
+
+# --------------------------------------------------------------------------------------------------
+# matching on hand-built features
+
+
+def test_swapped_captions_are_reassigned_and_own_captions_kept(use_world: Callable[[FakeWorld], None]) -> None:
+    world, data = identity_world()
+    use_world(world)
+    res = defense(top_k=3).data_step(Ctx(data), None)
+    keys = data.tokens[:, 1]
+    image_class = torch.tensor([0, 1, 2, 0, 1, 2])
+    assert torch.equal(keys[res.caption_index], image_class)  # every image ends with a caption of its class
+    assert res.caption_index[2:].tolist() == [2, 3, 4, 5]  # rows whose own caption is best keep it
+    assert res.flagged.tolist() == [True, True, False, False, False, False]
+    # own-pair scores: matching pairs have cos 1 and d_OT 0 (every token identical), swapped ones 0 and 1
+    assert res.scores["global"].tolist() == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    assert torch.allclose(res.scores["ot"], torch.tensor([0.0, 0.0, 1, 1, 1, 1]), atol=1e-5)
+    assert torch.allclose(res.scores["match"], torch.tensor([0.0, 0.0, 1, 1, 1, 1]), atol=1e-5)
+    s = res.summary
+    assert (s["repaired_n"], s["poison_repaired"], s["clean_repaired"], s["image_tokens"]) == (2, 1.0, 0.0, 4)
+    assert s["detect_auroc_ot"] == 1.0 and s["detect_auroc_global"] == 1.0
+
+
+def ot_vs_global_world() -> tuple[FakeWorld, TrainData]:
+    """Image 0 shows objects 0 and 1. Caption X agrees globally but not token-wise; caption Y the reverse."""
+    w = FakeWorld()
+    w.image(0, e(0, 1, 2, w=[1, 1, 2]), [e(0), e(0), e(1), e(1)])
+    w.image(1, e(5), [e(5)] * 4)
+    w.image(2, e(6), [e(6)] * 4)
+    w.caption(10, e(4), [e(4), e(4)])  # image 0's own caption: wrong in every way
+    w.caption(11, e(0, 1, 2, w=[1, 1, 2]), [e(3), e(3)])  # X: cos 1, tokens unrelated (d_OT = 1)
+    w.caption(12, e(0, 1), [e(0), e(1)])  # Y: cos 0.58, tokens match the image's (d_OT ≈ 0)
+    return w, train_data([0, 1, 2], [10, 11, 12])
+
+
+def test_ot_reranking_changes_the_choice_when_tokens_disagree(use_world: Callable[[FakeWorld], None]) -> None:
+    world, data = ot_vs_global_world()
+    use_world(world)
+    by_ot = defense(top_k=2, alpha=0.5).data_step(Ctx(data), None)
+    by_global = defense(top_k=2, score="global").data_step(Ctx(data), None)
+    assert by_ot.caption_index[0] == 2  # Y: 0.5·0.58 + 0.5·1 = 0.79 beats X: 0.5·1 + 0.5·0 = 0.5
+    assert by_global.caption_index[0] == 1  # X: cosine 1
+    assert defense(top_k=2, alpha=1.0).data_step(Ctx(data), None).caption_index[0] == 1
+    # the reported own-pair OT score does not depend on what decides the matching
+    assert torch.allclose(by_ot.scores["ot"], by_global.scores["ot"])
+    assert torch.equal(by_global.scores["match"], by_global.scores["global"])
+
+
+def test_top_k_limits_the_candidates(use_world: Callable[[FakeWorld], None]) -> None:
+    world, data = ot_vs_global_world()
+    use_world(world)
+    # by global cosine image 0's top-1 is X; Y (the OT winner) is not a candidate at k=1
+    assert defense(top_k=1).data_step(Ctx(data), None).caption_index[0] == 1
+
+
+def test_shards_concatenate_to_the_full_result(use_world: Callable[[FakeWorld], None]) -> None:
+    world, data = identity_world()
+    use_world(world)
+    d = defense(top_k=3, match_chunk=2)
+    ctx = Ctx(data)
+    pool = torch.arange(6)
+    pool_global = d._pool_globals(ctx, pool, 1, 0)
+    full = d.score_rows(ctx, 0, 6, pool, pool_global)
+    parts = [d.score_rows(ctx, lo, hi, pool, pool_global) for lo, hi in ((0, 1), (1, 4), (4, 6))]
+    assert torch.equal(torch.cat([p[0] for p in parts]), full[0])
+    assert torch.allclose(torch.cat([p[1] for p in parts]), full[1])
+
+
+def test_fifo_pool_limits_the_candidates(use_world: Callable[[FakeWorld], None]) -> None:
+    world, data = identity_world()
+    use_world(world)
+    # standalone: the pool is what a FIFO holds after one pass, the last 2 rows (captions 1 and 2)
+    res = defense(top_k=3, pool_size=2).data_step(Ctx(data), None)
+    # row 0 (class 0) finds no caption of class 0 in the pool and keeps its own; row 1 gets row 4's caption 1
+    assert res.caption_index.tolist() == [0, 4, 2, 3, 4, 5]
+    assert res.summary["pool"] == 2
+
+
+def test_fifo_pool_during_training_is_the_last_trained_rows() -> None:
+    d = defense(pool_size=3)
+    ctx = Ctx(train_data([0] * 10, [0] * 10), cfg=SimpleNamespace(seed=5, batch_size=4))
+    order = epoch_order(10, 5, 1)
+    # epoch 1 trained 2 full batches of 4 (rows order[:8]); the FIFO holds the last 3 of them
+    assert d._pool_rows(ctx, 2).tolist() == sorted(order[5:8].tolist())
+    assert d._pool_rows(ctx, None).tolist() == [7, 8, 9]
+    assert defense()._pool_rows(ctx, 2).tolist() == list(range(10))
+
+
+def test_identical_caption_text_is_not_a_replacement(use_world: Callable[[FakeWorld], None]) -> None:
+    world, _ = identity_world()
+    use_world(world)
+    # rows 0 and 1 carry the same caption text; row 0's features tie exactly with its own caption
+    data = train_data([0, 0], [0, 0])
+    res = defense(top_k=2).data_step(Ctx(data), None)
+    assert res.caption_index.tolist() == [0, 1] and not res.flagged.any()
+
+
+# --------------------------------------------------------------------------------------------------
+# losses
+
+
+def test_pairwise_inter_loss_single_image_token_closed_form() -> None:
+    # with one image token the plan is fixed by the text marginal: d_OT = mean over real tokens of 1 - cos
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(3, 1, D, generator=g)
+    w = torch.randn(3, 5, D, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    cost = 1 - F.cosine_similarity(v.expand(-1, 5, -1), w, dim=-1)
+    expected = ((cost * mask).sum(1) / mask.sum(1)).mean()
+    got = defense().inter_loss(v, v[:, 0], w, mask, w[:, 0])
+    assert got.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_contrastive_inter_loss_is_infonce_over_negative_ot_distances() -> None:
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(4, 3, D, generator=g)
+    w = torch.randn(4, 5, D, generator=g)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    mask[0, 3:] = False
+    d = defense(inter_loss="contrastive", inter_tau=0.2)
+    dist = torch.stack([
+        d.ot_distance(v[i : i + 1].expand(4, -1, -1), w, torch.ones(4, 3, dtype=torch.bool), mask)
+        for i in range(4)
+    ])  # [image, caption], pair by pair
+    logits = -dist / 0.2
+    t = torch.arange(4)
+    expected = 0.5 * (F.cross_entropy(logits, t) + F.cross_entropy(logits.t(), t))
+    got = d.inter_loss(v, v.mean(1), w, mask, w.mean(1))
+    assert got.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def vit_trainer(tmp_path_factory: pytest.TempPathFactory, make_job: Callable[..., TrainJob]) -> Trainer:
+    """A Trainer (not fitted) of otc-vit-tiny (16 patch tokens) on the shared tiny world."""
+    job = make_job(model="otc-vit-tiny", batch_size=16)
+    job.defense = DefenseConfig(name="otcclip", options={"inter_weight": 0.3, "intra_weight": 0.0})
+    return Trainer(job, tmp_path_factory.mktemp("vit") / "run", show_progress=False)
+
+
+def _reference_tokens(trainer: Trainer, batch: Any) -> tuple[torch.Tensor, ...]:
+    g_i, v = encode_image_tokens(trainer.model, batch.images)
+    g_t, w, m = encode_text_tokens(trainer.model, batch.tokens)
+    m = m.clone()
+    m[:, 0] = False  # drop_sot
+    return g_i, v, g_t, w, m
+
+
+def test_batch_loss_is_clip_plus_weighted_inter(vit_trainer: Trainer) -> None:
+    tr = vit_trainer
+    d: oc.OTCCLIP = tr.defense
+    batch = tr.make_batch(torch.arange(16))
+    loss, extras = d.batch_loss(tr, batch)
+    # the fine-grained forward gives the CLIP loss of the plain forward (globals are identical)
+    assert extras["loss_clip"] == pytest.approx(tr.clip_batch_loss(batch).item(), abs=1e-5)
+    _, v, _, w, m = _reference_tokens(tr, batch)
+    inter = ot.ot_distance(v, w, torch.ones(v.shape[:2], dtype=torch.bool), m, eps=0.05, n_iters=50).mean()
+    assert extras["loss_inter"] == pytest.approx(inter.item(), abs=1e-5)
+    assert loss.item() == pytest.approx(extras["loss_clip"] + 0.3 * extras["loss_inter"], abs=1e-5)
+    # gradient reaches both towers through the OT term
+    tr.model.zero_grad()
+    (loss - extras["loss_clip"]).backward()  # the constant does not change the gradient
+    assert tr.model.visual.conv1.weight.grad.abs().sum() > 0
+    assert tr.model.token_embedding.weight.grad.abs().sum() > 0
+
+
+def test_batch_loss_without_alignment_is_plain_clip(vit_trainer: Trainer) -> None:
+    tr = vit_trainer
+    batch = tr.make_batch(torch.arange(8))
+    loss, extras = defense(inter_weight=0, intra_weight=0).batch_loss(tr, batch)
+    assert extras == {} and loss.item() == pytest.approx(tr.clip_batch_loss(batch).item(), abs=1e-6)
+
+
+def test_intra_loss_with_identity_views_is_ot_of_a_set_with_itself(
+    vit_trainer: Trainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tr = vit_trainer
+    # identity "augmentations": view 2 = view 1, the EDA variant = the caption itself
+    monkeypatch.setattr(oc, "_augmenters", lambda modalities: (lambda x: x.clone(),
+                                                                lambda caps, seed, synonyms=None: list(caps)))
+    d = defense(inter_weight=0, intra_weight=0.5, intra_fraction=0.5)
+    monkeypatch.setattr(d, "_thesaurus", lambda trainer: None)
+    batch = tr.make_batch(torch.arange(8))
+    loss, extras = d.batch_loss(tr, batch)
+    _, v, _, w, m = _reference_tokens(tr, batch)
+    ones = torch.ones(4, v.shape[1], dtype=torch.bool)
+    img = ot.ot_distance(v[:4], v[:4], ones, ones, eps=0.05, n_iters=50).mean()
+    txt = ot.ot_distance(w[:4], w[:4], m[:4], m[:4], eps=0.05, n_iters=50).mean()
+    assert extras["loss_intra"] == pytest.approx(((img + txt) / 2).item(), abs=1e-5)
+    assert loss.item() == pytest.approx(extras["loss_clip"] + 0.5 * extras["loss_intra"], abs=1e-5)
+    d_img = defense(inter_weight=0, intra_weight=0.5, intra_fraction=0.5, intra_modalities="image")
+    _, ex = d_img.batch_loss(tr, batch)
+    assert ex["loss_intra"] == pytest.approx(img.item(), abs=1e-5)
+
+
+def test_intra_loss_with_real_augmentations_is_seeded(vit_trainer: Trainer) -> None:
+    tr = vit_trainer
+    d = defense(inter_weight=0, intra_weight=1.0, intra_fraction=0.5, intra_views="two")
+    batch = tr.make_batch(torch.arange(8))
+    runs = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        runs.append(d.batch_loss(tr, batch)[1]["loss_intra"])
+    assert runs[0] == runs[1] != runs[2]
+    assert 0 < runs[0] < 2
+
+
+# --------------------------------------------------------------------------------------------------
+# real model: schedule, matching inside training, exact resume
+
+
+def test_schedule() -> None:
+    d = defense(warmup_epochs=2, match_every=3)
+    assert [e for e in range(10) if d.due(e)] == [2, 5, 8]
+    assert [e for e in range(3) if defense(warmup_epochs=0, match_every=1).due(e)] == [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def poisoned_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 128-pair world with 8 badnet pairs (136 rows)."""
+    from otcbench.attacks.poison import poison_dataset
+
+    root = tmp_path_factory.mktemp("small")
+    write_world(root / "world", SynthConfig(n_train=128, probe_train_per_class=2, probe_val_per_class=1,
+                                            test_per_class=2, targets_per_class=1, seed=1))
+    poison_dataset(root / "world", root / "p", [("badnet", {"count": 8})], seed=0)
+    return root / "p"
+
+
+def small_job(data: Path, make_job: Callable[..., TrainJob], **options: Any) -> TrainJob:
+    job = make_job(data=data, model="otc-vit-tiny", batch_size=32, epochs=2, checkpoint_every_steps=5)
+    job.defense = DefenseConfig(name="otcclip", options={"warmup_epochs": 1, "top_k": 3, **options})
+    return job
+
+
+def interrupt_at(step: int) -> Callable[[Trainer], None]:
+    def hook(trainer: Trainer) -> None:
+        if trainer.global_step == step:
+            raise KeyboardInterrupt
+
+    return hook
+
+
+def _log(run: Path) -> list[dict[str, Any]]:
+    import json
+
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_training_matches_logs_and_resumes_exactly(
+    poisoned_small: Path, make_job: Callable[..., TrainJob], tmp_path: Path
+) -> None:
+    job = small_job(poisoned_small, make_job)  # 136 rows / 32 = 4 steps per epoch; matching at epoch 1
+    ref = Trainer(job, tmp_path / "ref", show_progress=False)
+    ref.fit()
+    matches = [r for r in _log(tmp_path / "ref") if r["type"] == "otcclip_match"]
+    assert len(matches) == 1 and matches[0]["epoch"] == 1 and matches[0]["step"] == 5
+    m = matches[0]
+    assert 0 <= m["repaired"] <= 1 and m["repaired_n"] == int((ref.caption_index != torch.arange(136)).sum())
+    for key in ("poison_repaired", "clean_repaired", "detect_auroc_ot", "detect_auroc_global", "detect_auroc_match"):
+        assert key in m
+    steps = [r for r in _log(tmp_path / "ref") if r["type"] == "step"]
+    assert all({"loss_clip", "loss_inter", "loss_intra"} <= r.keys() for r in steps)
+
+    # interrupted in the matched epoch (after step 6), resumed: same weights, pairs and a single match record
+    run = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(job, run, show_progress=False, on_step=interrupt_at(6)).fit()
+    resumed = Trainer(job, run, resume=True, show_progress=False)
+    assert resumed.defense.matched_epoch == 1
+    resumed.fit()
+    assert torch.equal(resumed.caption_index, ref.caption_index)
+    a, b = resumed.model.state_dict(), ref.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len([r for r in _log(run) if r["type"] == "otcclip_match"]) == 1
+
+    # interrupted right after the match was logged, before the matched epoch's first checkpoint: the
+    # resume starts from the warm-up's checkpoint, drops the record and matches again, once
+    run2 = tmp_path / "resumed2"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(job, run2, show_progress=False, on_step=interrupt_at(5)).fit()
+    r2 = Trainer(job, run2, resume=True, show_progress=False)
+    r2.fit()
+    assert torch.equal(r2.caption_index, ref.caption_index)
+    assert len([r for r in _log(run2) if r["type"] == "otcclip_match"]) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# options
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(UserError, match="unknown key"):
+        DEFENSES.options("otcclip", {"topk": 3})
+    with pytest.raises(UserError, match="score"):
+        DEFENSES.options("otcclip", {"score": "fancy"})
+    with pytest.raises(UserError, match="alpha"):
+        DEFENSES.options("otcclip", {"alpha": 1.5})
+    o = DEFENSES.options("otcclip", {})
+    assert (o.top_k, o.alpha, o.score, o.inter_loss, o.eps) == (5, 0.5, "ot", "pairwise", 0.05)
+    assert math.isclose(o.intra_fraction, 0.25)
+
