@@ -136,6 +136,111 @@ def data_show(
         console.print(render_stats_table(stats))
 
 
+@data_app.command("import")
+@handle_errors
+def data_import(
+    src: Annotated[str, typer.Argument(help="Source: a file, a directory, a shard pattern or a hub name.")],
+    out: Annotated[Path, typer.Argument(help="Output directory (must not exist).")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="csv, tsv, coco, vg, webdataset, hf (pair datasets); "
+                                     "imagefolder, labelcsv (eval sets). See `otcbench list formats`.")],
+    image_column: Annotated[str | None, typer.Option("--image-column", help="Column of images/paths.")] = None,
+    caption_column: Annotated[str | None, typer.Option("--caption-column", help="Column of captions.")] = None,
+    label_column: Annotated[str | None, typer.Option("--label-column", help="Column of labels.")] = None,
+    split_column: Annotated[str | None, typer.Option("--split-column", help="labelcsv: column of splits.")] = None,
+    delimiter: Annotated[str | None, typer.Option("--delimiter", help="Field separator (csv/tsv/labelcsv).")] = None,
+    image_root: Annotated[str | None, typer.Option("--image-root", "--image-dir",
+                                                   help="Directory image paths are relative to.")] = None,
+    image_data: Annotated[str | None, typer.Option("--image-data", help="vg: image_data.json.")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="hf: which split to import.")] = None,
+    per_image: Annotated[bool, typer.Option("--per-image", help="coco/vg: one pair per image.")] = False,
+    regions: Annotated[str | None, typer.Option("--regions", help="vg: whole (image) or crop (region).")] = None,
+    max_regions: Annotated[int | None, typer.Option("--max-regions", help="vg: regions per image.")] = None,
+    min_region_size: Annotated[int | None, typer.Option("--min-region-size", help="vg crop: min side px.")] = None,
+    caption_ext: Annotated[str | None, typer.Option("--caption-ext", help="webdataset: caption member.")] = None,
+    classnames: Annotated[str | None, typer.Option("--classnames", help="'imagenet' or a file of names.")] = None,
+    templates: Annotated[str | None, typer.Option("--templates", help="imagenet, simple or a file.")] = None,
+    splits: Annotated[str | None, typer.Option("--splits", help="Eval splits: train=0.5,val=0.1,test=0.4.")] = None,
+    eval_set: Annotated[str | None, typer.Option("--eval-set", help="Eval set to copy into OUT/eval.")] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", help="Resize + centre-crop to PX.")] = None,
+    as_bytes: Annotated[bool, typer.Option("--bytes", help="Store images inside the dataset.")] = False,
+    copy_images: Annotated[bool, typer.Option("--copy-images", help="Copy image files to OUT/images.")] = False,
+    link_images: Annotated[bool, typer.Option("--link-images", help="Link image files into OUT/images.")] = False,
+    verify: Annotated[str | None, typer.Option("--verify", help="decode (default), header or none.")] = None,
+    max_bad_fraction: Annotated[float | None, typer.Option("--max-bad-fraction",
+                                                           help="Error above this bad-image fraction (0.01).")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Import only the first N records.")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Image-reading processes.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Eval split seed.")] = None,
+    set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Import real data: a pair dataset (csv, tsv, coco, vg, webdataset, hf) or an eval set (imagefolder,
+    labelcsv). Missing/unreadable images are skipped and counted (an error above --max-bad-fraction).
+
+    Examples: otcbench data import cc3m/train.csv data/cc3m --format csv --classnames imagenet;
+    otcbench data import coco/annotations/captions_train2017.json data/coco --format coco;
+    otcbench data import imagenet/val data/imagenet --format imagefolder --classnames imagenet --image-size 224
+    """
+    from rich.progress import Progress
+
+    from otcbench.config import apply_overrides
+    from otcbench.data.importers import import_dataset
+
+    _quiet_datasets()
+    flags = [name for name, on in (("--bytes", as_bytes), ("--copy-images", copy_images),
+                                   ("--link-images", link_images)) if on]
+    if len(flags) > 1:
+        raise UserError(f"{' and '.join(flags)} exclude each other; pick one way to store images")
+    given = {
+        "image_column": image_column, "caption_column": caption_column, "label_column": label_column,
+        "split_column": split_column, "delimiter": delimiter, "image_root": image_root, "image_data": image_data,
+        "split": split, "per_image": per_image or None, "regions": regions, "max_regions": max_regions,
+        "min_region_size": min_region_size, "caption_ext": caption_ext, "classnames": classnames,
+        "templates": templates, "splits": splits, "eval_set": eval_set, "image_size": image_size,
+        "storage": {"--bytes": "bytes", "--copy-images": "copy", "--link-images": "link"}.get(flags[0])
+        if flags else None,
+        "verify": verify, "max_bad_fraction": max_bad_fraction, "limit": limit, "workers": workers, "seed": seed,
+    }
+    options = apply_overrides({k: v for k, v in given.items() if v is not None}, set_)
+
+    class _Bar:  # the pipeline's Reporter on a rich progress bar, one phase at a time
+        def __init__(self, progress: Progress) -> None:
+            self.progress, self.task = progress, None
+
+        def start(self, description: str, total: int | None) -> None:
+            if self.task is not None:
+                self.progress.remove_task(self.task)
+            self.task = self.progress.add_task(description, total=total)
+
+        def advance(self, n: int) -> None:
+            self.progress.advance(self.task, n)
+
+    with Progress(disable=not _progress_enabled(no_progress), console=err_console) as progress:
+        result = import_dataset(src, out, fmt, options, command=" ".join(["otcbench", *sys.argv[1:]]),
+                                overwrite=overwrite, reporter=_Bar(progress))
+    if as_json:
+        console.print_json(json.dumps({"out": str(result.out), "kind": result.kind, "rows": result.rows,
+                                       "storage": result.storage, "counts": result.meta.counts,
+                                       "skipped": result.skipped, "fingerprint": result.meta.fingerprint}))
+        return
+    what = "eval set" if result.kind == "eval" else "pair dataset"
+    splits_note = ""
+    if result.kind == "eval":
+        splits_note = " (" + ", ".join(f"{s} {result.meta.counts[s]}" for s in ("train", "val", "test", "targets")
+                                       if s in result.meta.counts) + f"; {len(result.meta.classnames)} classes)"
+    console.print(f"imported {result.rows} rows from {src} into the {what} [bold]{out}[/]{splits_note}; images "
+                  f"stored as {result.storage}, fingerprint {result.meta.fingerprint}")
+    if result.skipped:
+        table = Table(title=f"skipped {sum(result.skipped.values())} records")
+        for col in ("reason", "count", "first example"):
+            table.add_column(col)
+        for reason, count in sorted(result.skipped.items(), key=lambda kv: -kv[1]):
+            table.add_row(reason, str(count), (result.examples.get(reason) or [""])[0])
+        console.print(table)
+
+
 # --------------------------------------------------------------------------------------------------
 # train / eval
 
@@ -351,6 +456,117 @@ def list_attacks() -> None:
     from otcbench.attacks import ATTACKS
 
     console.print(_registry_table(ATTACKS, "attacks", with_kind=True))
+
+
+@list_app.command("formats")
+@handle_errors
+def list_formats() -> None:
+    """List `data import` formats: what SRC is, what they make, their own options.
+
+    Example: otcbench list formats
+    """
+    from otcbench.data.importers import IMPORTERS, ImportOptions
+
+    table = Table(title="import formats (options common to all: see `otcbench data import --help`)")
+    for col in ("format", "makes", "source", "own options"):
+        table.add_column(col)
+    for name in IMPORTERS.names():
+        cls = IMPORTERS.get(name)
+        own = [f"{k}={f.get_default()!r}" for k, f in cls.Options.model_fields.items()
+               if k not in ImportOptions.model_fields]
+        table.add_row(name, "eval set" if cls.kind == "eval" else "pairs", cls.layout, "\n".join(own) or "-")
+    console.print(table)
+
+
+# --------------------------------------------------------------------------------------------------
+# recipes: run, report, list recipes
+
+
+@app.command("run")
+@handle_errors
+def run_cmd(
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML file, or the name of a shipped recipe.")],
+    set_: SetOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Results directory (default results/<name>).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue interrupted or failed runs.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and list the grid; run nothing.")] = False,
+    no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
+) -> None:
+    """Run a recipe: the attacks × defenses × seeds grid, cached and resumable; prints the results table.
+
+    Examples: otcbench run recipes/quickstart.yaml; otcbench run quickstart --set train.epochs=2 --out
+    results/short; otcbench run quickstart --set defenses.cleanclip.train.lr=1e-5; otcbench run quickstart
+    --resume (after an interruption)
+    """
+    from otcbench.bench.recipe import load_recipe
+    from otcbench.bench.runner import execute_plan, plan_recipe
+
+    _quiet_datasets()
+    rec, path = load_recipe(recipe, set_)
+    plan = plan_recipe(rec, out, resume=resume)
+    if dry_run:
+        table = Table(title=f"{rec.name}: {len(plan.runs)} runs → {plan.out}")
+        for col in ("run_id", "attack", "defense", "seed", "starts from", "state"):
+            table.add_column(col)
+        for r in plan.runs:
+            table.add_row(r.run_id, r.attack.label, r.defense.label, str(r.seed), r.parent or "", plan.state(r))
+        console.print(table)
+        return
+    result = execute_plan(plan, show_progress=_progress_enabled(no_progress), console=err_console,
+                          recipe_file=path, plots=not no_plots)
+    typer.echo(result.table_md)
+    counts = {a: sum(o.action == a for o in result.outcomes) for a in ("trained", "resumed", "cached", "failed")}
+    done = ", ".join(f"{n} {a}" for a, n in counts.items() if n)
+    console.print(f"{len(result.outcomes)} runs ({done}); results in [bold]{plan.out}[/] "
+                  "(summary.csv, table.md, table.tex, plots/)", highlight=False)
+    if result.failed:
+        raise typer.Exit(code=1)
+
+
+@app.command("report")
+@handle_errors
+def report_cmd(
+    results: Annotated[Path, typer.Argument(help="Results directory written by `otcbench run`.")],
+    fmt: Annotated[str, typer.Option("--format", help="What to print: md, csv or latex.")] = "md",
+    plots: Annotated[bool, typer.Option("--plots", help="Also rebuild the PNG plots.")] = False,
+) -> None:
+    """Rebuild table.md and table.tex (and with --plots the PNGs) from RESULTS/summary.csv; print a table.
+
+    Example: otcbench report results/quickstart --format latex --plots
+    """
+    from otcbench.bench.report import SUMMARY, write_report
+
+    if fmt not in ("md", "csv", "latex"):
+        raise UserError(f"--format {fmt!r}: use md, csv or latex")
+    md = write_report(results, plots=plots)
+    if fmt == "md":
+        typer.echo(md)
+    elif fmt == "csv":
+        typer.echo((results / SUMMARY).read_text(), nl=False)
+    else:
+        typer.echo((results / "table.tex").read_text(), nl=False)
+
+
+@list_app.command("recipes")
+@handle_errors
+def list_recipes() -> None:
+    """List the shipped recipes (run one with `otcbench run NAME`).
+
+    Example: otcbench list recipes
+    """
+    from otcbench.bench.recipe import RECIPE_DIR, grid_size, load_recipe, recipe_names
+
+    table = Table(title=f"recipes ({RECIPE_DIR})")
+    for col in ("name", "runs", "needs", "description"):
+        table.add_column(col)
+    for name in recipe_names():
+        rec, _ = load_recipe(name)
+        needs = ["GPU"] if rec.requires.gpu else ["CPU"]
+        if rec.data.path:
+            needs.append(f"data: {rec.data.path}")
+        table.add_row(name, str(grid_size(rec)), "\n".join(needs), " ".join(rec.description.split()))
+    console.print(table)
 
 
 def main() -> None:

@@ -1,0 +1,184 @@
+"""Plots of a recipe's results (PNG, matplotlib's Agg backend, no display needed).
+
+* ``plots/asr_vs_accuracy.png`` — robustness against accuracy: one panel per attack-success metric,
+  clean zero-shot top-1 (x) against ASR (y), mean ± std over seeds, one colour per defense, one marker
+  per attack; the dashed line is the clean reference (attack ``clean``, defense ``none``) when present.
+* ``plots/asr_vs_<option>.png`` — where an attack entry sweeps one numeric option (``badnet.rate``):
+  ASR against the swept value, one line per defense.
+* ``plots/curves.png`` — training loss against step from each run's ``log.jsonl``, one panel per
+  attack, one colour per defense (one line per seed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+ASR_METRICS = ("asr_targeted", "asr_backdoor", "asr_backdoor_probe")
+MARKERS = "osD^v<>pXh*"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colours(labels: list[str]) -> dict[str, tuple]:
+    plt = _plt()
+    cmap = plt.get_cmap("tab10")
+    return {lab: cmap(i % 10) for i, lab in enumerate(labels)}
+
+
+def _ordered(values: pd.Series) -> list[str]:
+    return list(dict.fromkeys(values.tolist()))
+
+
+def _grid(n: int, plt, width: float = 4.6, height: float = 3.8):
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def plot_asr_vs_accuracy(df: pd.DataFrame, path: Path) -> bool:
+    """Robustness–accuracy picture; False (nothing written) when no run measured an ASR."""
+    done = df[df["status"] == "done"]
+    metrics = [m for m in ASR_METRICS if m in done and done[m].notna().any()]
+    if not metrics or "zeroshot_top1" not in done:
+        return False
+    plt = _plt()
+    colours = _colours(_ordered(df["defense"]))
+    attacks = _ordered(df["attack"])
+    markers = {a: MARKERS[i % len(MARKERS)] for i, a in enumerate(attacks)}
+    clean = done[(done["attack"] == "clean") & (done["defense_name"] == "none")] if "defense_name" in done else None
+    fig, axes = _grid(len(metrics), plt)
+    for ax, m in zip(axes, metrics, strict=True):
+        sub = done[done[m].notna()]
+        for (attack, defense), g in sub.groupby(["attack", "defense"], sort=False):
+            x, y = g["zeroshot_top1"].astype(float) * 100, g[m].astype(float) * 100
+            ax.errorbar(x.mean(), y.mean(), xerr=x.std(ddof=1) if len(g) > 1 else None,
+                        yerr=y.std(ddof=1) if len(g) > 1 else None, fmt=markers[attack], color=colours[defense],
+                        markersize=7, capsize=3, label=f"{defense} / {attack}")
+        if clean is not None and len(clean) and clean["zeroshot_top1"].notna().any():
+            ax.axvline(clean["zeroshot_top1"].astype(float).mean() * 100, ls="--", color="grey", lw=1,
+                       label="clean reference")
+        ax.set_xlabel("clean zero-shot top-1 (%) →")
+        ax.set_ylabel(f"{m} (%) ↓")
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+        ax.set_title(m.replace("_", " "))
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.03 * math.ceil(len(labels) / 4), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_asr_vs_sweep(df: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """ASR against each swept numeric attack option (e.g. the poison rate); returns the files written."""
+    if "sweep" not in df:
+        return []
+    done = df[(df["status"] == "done") & (df["sweep"] != "") & ~df["sweep"].str.contains(";")]
+    written = []
+    for key in _ordered(done["sweep"]):
+        sub = done[done["sweep"] == key].copy()
+        sub["sweep_value"] = pd.to_numeric(sub["sweep_value"], errors="coerce")
+        sub = sub[sub["sweep_value"].notna()]
+        metrics = [m for m in ASR_METRICS if m in sub and sub[m].notna().any()]
+        if sub.empty or not metrics:
+            continue
+        plt = _plt()
+        colours = _colours(_ordered(df["defense"]))
+        fig, axes = _grid(len(metrics), plt)
+        for ax, m in zip(axes, metrics, strict=True):
+            for (group, defense), g in sub.groupby(["attack_group", "defense"], sort=False):
+                stats = g.groupby("sweep_value")[m].agg(["mean", "std"]).sort_index()
+                ax.errorbar(stats.index, stats["mean"] * 100, yerr=stats["std"].fillna(0) * 100, marker="o",
+                            color=colours[defense], capsize=3, label=f"{defense} / {group}")
+            values = sorted(sub["sweep_value"].unique())
+            if len(values) > 2 and values[0] > 0 and values[-1] / values[0] >= 8:
+                ax.set_xscale("log")
+            ax.set_xlabel(key)
+            ax.set_ylabel(f"{m} (%) ↓")
+            ax.set_ylim(-3, 103)
+            ax.grid(alpha=0.3)
+            ax.set_title(f"{m.replace('_', ' ')} vs {key.split('.')[-1]}")
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        leaf = key.split(".")[-1]
+        path = out_dir / f"asr_vs_{leaf}.png"
+        if path in written:
+            path = out_dir / f"asr_vs_{key.replace('.', '_')}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _read_log(path: Path) -> pd.DataFrame:
+    recs = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by an interruption
+        if rec.get("type") == "step" and "loss" in rec:
+            recs.append((rec["step"], rec["loss"]))
+    return pd.DataFrame(recs, columns=["step", "loss"])
+
+
+def plot_curves(df: pd.DataFrame, results_dir: Path, path: Path) -> bool:
+    """Training loss curves from the runs' log.jsonl; False when no log exists."""
+    logs = {}
+    for _, r in df.iterrows():
+        f = results_dir / "runs" / str(r["run_id"]) / "log.jsonl"
+        if f.is_file():
+            curve = _read_log(f)
+            if len(curve):
+                logs[r["run_id"]] = curve
+    if not logs:
+        return False
+    plt = _plt()
+    colours = _colours(_ordered(df["defense"]))
+    attacks = [a for a in _ordered(df["attack"]) if df[(df["attack"] == a) & df["run_id"].isin(logs)].size]
+    fig, axes = _grid(len(attacks), plt, height=3.4)
+    for ax, attack in zip(axes, attacks, strict=True):
+        labelled = set()
+        for _, r in df[(df["attack"] == attack) & df["run_id"].isin(logs)].iterrows():
+            c = logs[r["run_id"]]
+            label = None if r["defense"] in labelled else r["defense"]
+            labelled.add(r["defense"])
+            ax.plot(c["step"], c["loss"], color=colours[r["defense"]], lw=1, alpha=0.85, label=label)
+        ax.set_title(attack)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_plots(df: pd.DataFrame, results_dir: str | Path) -> list[Path]:
+    """Write every plot the results allow into ``results_dir/plots``; returns the files written."""
+    out = Path(results_dir) / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if plot_asr_vs_accuracy(df, out / "asr_vs_accuracy.png"):
+        written.append(out / "asr_vs_accuracy.png")
+    written += plot_asr_vs_sweep(df, out)
+    if plot_curves(df, Path(results_dir), out / "curves.png"):
+        written.append(out / "curves.png")
+    return written

@@ -1,0 +1,312 @@
+"""Results of a recipe: ``summary.csv`` (one row per run), ``table.md`` / ``table.tex`` and plots.
+
+``summary.csv`` is the source of truth: the runner writes it from the run directories, and every table
+and plot is rebuilt from it alone (plus each run's ``log.jsonl`` for training curves), so
+``otcbench report DIR`` reproduces exactly what ``otcbench run`` wrote.
+
+Tables: one row per (attack, defense) in recipe order, one column per metric, mean ± sample std over
+the seeds that finished, in percent. Within each attack, the best value of each column is bold —
+lowest for attack success rates (↓), highest for accuracies and detection scores (↑).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from otcbench.errors import UserError
+
+if TYPE_CHECKING:
+    from otcbench.bench.runner import Plan
+
+SUMMARY = "summary.csv"
+#: The first columns of summary.csv (DESIGN §9), then bookkeeping, then every metrics.json key.
+HEAD = ["run_id", "attack", "defense", "seed", "status", "seconds"]
+META = ["attack_group", "defense_group", "defense_name", "sweep", "sweep_value", "defense_sweep",
+        "defense_sweep_value", "error"]
+
+#: Table columns in this order when present; their display names.
+METRIC_NAMES = {
+    "zeroshot_top1": "zero-shot top-1",
+    "zeroshot_top5": "zero-shot top-5",
+    "linear_probe_top1": "linear probe",
+    "asr_targeted": "ASR targeted",
+    "asr_backdoor": "ASR backdoor",
+    "asr_backdoor_probe": "ASR backdoor (probe)",
+    "detect_precision": "detect precision",
+    "detect_recall": "detect recall",
+    "detect_auroc": "detect AUROC",
+    "poison_repaired": "poisons repaired",
+    "clean_repaired": "clean repaired",
+}
+#: Numeric metrics.json keys that are bookkeeping, not results (never in tables).
+NOT_RESULTS = {"n_test", "n_classes", "linear_probe_c", "eval_seconds"}
+
+
+def lower_is_better(metric: str) -> bool:
+    """Attack success and repairing clean pairs are bad; everything else in the tables is good."""
+    return metric.startswith("asr") or metric == "clean_repaired"
+
+
+# --------------------------------------------------------------------------------------------------
+# summary.csv
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        elif isinstance(v, (str, int, float, bool)) or v is None:
+            out[key] = v
+    return out
+
+
+def _sweep_columns(point: list[tuple[str, Any]]) -> tuple[str, Any]:
+    if not point:
+        return "", ""
+    if len(point) == 1:
+        return point[0]
+    return ";".join(k for k, _ in point), ";".join(str(v) for _, v in point)
+
+
+def summary_rows(plan: Plan) -> list[dict[str, Any]]:
+    """One row per planned run: identity, status, seconds, and every metrics.json key (flattened)."""
+    from otcbench.bench.runner import read_run_info, run_state
+
+    rows = []
+    for run in plan.runs:
+        info = read_run_info(run.dir)
+        state = run_state(run.dir)
+        status = "done" if state == "done" else info.get("status", "pending") if run.dir.exists() else "pending"
+        if status == "running":
+            status = "interrupted"
+        sweep, sweep_value = _sweep_columns(run.attack.point)
+        dsweep, dsweep_value = _sweep_columns(run.defense.point)
+        row: dict[str, Any] = {
+            "run_id": run.run_id, "attack": run.attack.label, "defense": run.defense.label, "seed": run.seed,
+            "status": status, "seconds": info.get("seconds", ""),
+            "attack_group": run.attack.spec.base_label, "defense_group": run.defense.spec.base_label,
+            "defense_name": run.defense.spec.name, "sweep": sweep, "sweep_value": sweep_value,
+            "defense_sweep": dsweep, "defense_sweep_value": dsweep_value,
+            "error": info.get("error", "") if status == "failed" else "",
+        }
+        if state == "done":
+            metrics = json.loads((run.dir / "metrics.json").read_text())
+            if "seconds" in metrics:  # the evaluation's own time; `seconds` is the whole run's
+                metrics["eval_seconds"] = metrics.pop("seconds")
+            row.update({k: v for k, v in _flatten(metrics).items() if k not in row})
+        rows.append(row)
+    return rows
+
+
+def _column_order(columns: list[str]) -> list[str]:
+    metrics = [c for c in columns if c not in HEAD and c not in META]
+    known = [m for m in METRIC_NAMES if m in metrics]
+    rest = sorted(m for m in metrics if m not in METRIC_NAMES)
+    return HEAD + META + known + rest
+
+
+def write_summary(rows: list[dict[str, Any]], path: Path) -> pd.DataFrame:
+    """Write ``summary.csv`` atomically; returns it as read back (what tables are built from)."""
+    from otcbench.train.checkpoint import atomic_write_text
+
+    cols: list[str] = []
+    for r in rows:
+        cols.extend(k for k in r if k not in cols)
+    df = pd.DataFrame(rows, columns=_column_order(cols) if rows else HEAD + META)
+    atomic_write_text(path, df.to_csv(index=False))
+    return read_summary(path)
+
+
+def read_summary(path: str | Path) -> pd.DataFrame:
+    """Read a ``summary.csv`` (a file, or a results directory holding one)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / SUMMARY
+    if not p.is_file():
+        raise UserError(f"{p} does not exist; pass a results directory written by `otcbench run`")
+    try:
+        df = pd.read_csv(p, keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise UserError(f"{p} is not a readable CSV ({type(err).__name__}); rebuild it with `otcbench run`") from None
+    missing = [c for c in HEAD if c not in df.columns]
+    if missing:
+        raise UserError(f"{p} lacks the columns {', '.join(missing)}; it was not written by `otcbench run`")
+    for c in ("attack", "defense", "status", "error", "sweep", "defense_sweep"):
+        if c in df.columns:
+            df[c] = df[c].fillna("").astype(str)
+    return df
+
+
+# --------------------------------------------------------------------------------------------------
+# tables
+
+
+def table_metrics(df: pd.DataFrame) -> list[str]:
+    """Result columns with at least one value among finished runs: known metrics first."""
+    done = df[df["status"] == "done"]
+    cols = []
+    for c in _column_order(list(df.columns)):
+        if c in HEAD or c in META or c in NOT_RESULTS or "." in c or c.endswith("_n"):
+            continue
+        if c not in done or not pd.api.types.is_numeric_dtype(done[c]) or done[c].isna().all():
+            continue
+        cols.append(c)
+    return cols
+
+
+def aggregate(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (attack, defense) in first-appearance order: n done / n planned, mean and std per metric."""
+    metrics = table_metrics(df)
+    out = []
+    for (attack, defense), g in df.groupby(["attack", "defense"], sort=False):
+        done = g[g["status"] == "done"]
+        row: dict[str, Any] = {"attack": attack, "defense": defense, "n_done": len(done), "n_runs": len(g),
+                               "n_failed": int((g["status"] == "failed").sum())}
+        for m in metrics:
+            vals = done[m].dropna().astype(float)
+            row[f"{m}_mean"] = float(vals.mean()) if len(vals) else math.nan
+            row[f"{m}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else math.nan
+            row[f"{m}_n"] = len(vals)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _is_fraction(df: pd.DataFrame, metric: str) -> bool:
+    if metric in METRIC_NAMES:
+        return True
+    vals = df[metric].dropna()
+    return bool(len(vals)) and bool(((vals >= 0) & (vals <= 1)).all())
+
+
+def _fmt(mean: float, std: float, pct: bool, pm: str) -> str:
+    if math.isnan(mean):
+        return "–"
+    scale = 100.0 if pct else 1.0
+    if pct:
+        text = f"{mean * scale:.1f}"
+        return text + (f" {pm} {std * scale:.1f}" if not math.isnan(std) else "")
+    text = f"{mean:.4g}"
+    return text + (f" {pm} {std:.2g}" if not math.isnan(std) else "")
+
+
+def _best(agg: pd.DataFrame, metric: str) -> set[int]:
+    """Row positions holding the best mean of ``metric`` within their attack (ties all win)."""
+    best: set[int] = set()
+    for _, g in agg.groupby("attack", sort=False):
+        vals = g[f"{metric}_mean"].dropna()
+        if len(vals) < 2:
+            continue
+        target = vals.min() if lower_is_better(metric) else vals.max()
+        best.update(int(i) for i in vals.index[vals == target])
+    return best
+
+
+def _cells(df: pd.DataFrame, pm: str, bold: tuple[str, str]) -> tuple[list[str], list[list[str]], list[str]]:
+    """Header, body rows and metric keys shared by the markdown and LaTeX tables."""
+    agg = aggregate(df)
+    metrics = table_metrics(df)
+    header = ["attack", "defense", "seeds"]
+    for m in metrics:
+        name = METRIC_NAMES.get(m, m)
+        unit = " (%)" if _is_fraction(df, m) else ""
+        header.append(f"{name}{unit} {'↓' if lower_is_better(m) else '↑'}")
+    body = []
+    bests = {m: _best(agg, m) for m in metrics}
+    for i, r in agg.iterrows():
+        seeds = f"{r['n_done']}/{r['n_runs']}" + (f" ({r['n_failed']} failed)" if r["n_failed"] else "")
+        cells = [str(r["attack"]), str(r["defense"]), seeds]
+        for m in metrics:
+            text = _fmt(r[f"{m}_mean"], r[f"{m}_std"], _is_fraction(df, m), pm)
+            if i in bests[m]:
+                text = f"{bold[0]}{text}{bold[1]}"
+            cells.append(text)
+        body.append(cells)
+    return header, body, metrics
+
+
+NOTE = ("mean ± sample std over seeds, in %; seeds = finished/planned runs; best per attack in bold "
+        "(↓ lower is better, ↑ higher is better)")
+
+
+def markdown_table(df: pd.DataFrame, title: str = "") -> str:
+    """The attack × defense table in GitHub markdown."""
+    header, body, _ = _cells(df, "±", ("**", "**"))
+    lines = [f"### {title}", ""] if title else []
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join(["---", "---", "---:"] + ["---:"] * (len(header) - 3)) + "|")
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
+    lines += ["", NOTE + "."]
+    failed = df[df["status"] == "failed"]
+    for _, r in failed.iterrows():
+        lines.append(f"- failed: {r['attack']} × {r['defense']} (seed {r['seed']}, run {r['run_id']}): {r['error']}")
+    return "\n".join(lines) + "\n"
+
+
+_TEX_ESCAPE = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
+               "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
+
+
+def _tex(text: str) -> str:
+    out = "".join(_TEX_ESCAPE.get(ch, ch) for ch in text)
+    return out.replace("↓", r"$\downarrow$").replace("↑", r"$\uparrow$").replace("×", r"$\times$")
+
+
+def latex_table(df: pd.DataFrame, title: str = "") -> str:
+    """The same table as a booktabs ``tabular`` (``\\usepackage{booktabs}``)."""
+    header, body, _ = _cells(df, "\x00", ("\x01", "\x02"))
+    def cell(c: str) -> str:
+        return _tex(c).replace("\x00", r"$\pm$").replace("\x01", r"\textbf{").replace("\x02", "}")
+    lines = [f"% {title}" if title else "% otcbench results", f"% {NOTE}",
+             r"\begin{tabular}{ll" + "r" * (len(header) - 2) + "}", r"\toprule",
+             " & ".join(cell(h) for h in header) + r" \\", r"\midrule"]
+    prev = None
+    for row in body:
+        if prev is not None and row[0] != prev:
+            lines.append(r"\midrule")
+        lines.append(" & ".join(cell(c) for c in row) + r" \\")
+        prev = row[0]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# everything at once
+
+
+def write_report(out: str | Path, *, plan: Plan | None = None, plots: bool = True) -> str:
+    """(Re)write summary.csv (from the run directories when ``plan`` is given), table.md, table.tex and,
+    with ``plots``, the PNGs; returns the markdown table."""
+    from otcbench.train.checkpoint import atomic_write_text
+
+    out = Path(out)
+    title = ""
+    if plan is not None:
+        df = write_summary(summary_rows(plan), out / SUMMARY)
+        title = plan.recipe.name
+    else:
+        df = read_summary(out)
+        title = _recipe_name(out)
+    md = markdown_table(df, title)
+    atomic_write_text(out / "table.md", md)
+    atomic_write_text(out / "table.tex", latex_table(df, title))
+    if plots:
+        from otcbench.bench.plots import write_plots
+
+        write_plots(df, out)
+    return md
+
+
+def _recipe_name(out: Path) -> str:
+    from otcbench.bench.runner import MARKER
+
+    try:
+        return str(json.loads((out / MARKER).read_text()).get("recipe", ""))
+    except (OSError, json.JSONDecodeError):
+        return ""
