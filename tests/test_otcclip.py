@@ -149,15 +149,6 @@ def test_rank_candidates_mixes_global_and_ot() -> None:
     assert oc.rank_candidates(cos, ot_sim, alpha=1.0)[0].tolist() == [1]  # alpha 1 = global only
 
 
-def test_shard_bounds_cover_rows_once() -> None:
-    for n in (0, 1, 7, 10):
-        for world in (1, 2, 3, 4):
-            bounds = [oc.shard_bounds(n, world, r) for r in range(world)]
-            assert bounds[0][0] == 0 and bounds[-1][1] == n
-            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
-            assert max(h - lo for lo, h in bounds) - min(h - lo for lo, h in bounds) <= 1
-
-
 # --------------------------------------------------------------------------------------------------
 # matching on hand-built features
 
@@ -218,11 +209,63 @@ def test_shards_concatenate_to_the_full_result(use_world: Callable[[FakeWorld], 
     d = defense(top_k=3, match_chunk=2)
     ctx = Ctx(data)
     pool = torch.arange(6)
-    pool_global = d._pool_globals(ctx, pool, 1, 0)
+    pool_global = d._pool_globals(ctx, pool)
     full = d.score_rows(ctx, 0, 6, pool, pool_global)
     parts = [d.score_rows(ctx, lo, hi, pool, pool_global) for lo, hi in ((0, 1), (1, 4), (4, 6))]
     assert torch.equal(torch.cat([p[0] for p in parts]), full[0])
     assert torch.allclose(torch.cat([p[1] for p in parts]), full[1])
+
+
+def random_world(seed: int, n: int = 13) -> tuple[FakeWorld, TrainData]:
+    """``n`` pairs with random features (3 image tokens, 2 caption tokens): a non-trivial matching."""
+    g = torch.Generator().manual_seed(seed)
+    w = FakeWorld()
+    for i in range(n):
+        w.image(i, torch.randn(D, generator=g), list(torch.randn(3, D, generator=g)))
+        w.caption(100 + i, torch.randn(D, generator=g), list(torch.randn(2, D, generator=g)))
+    return w, train_data(list(range(n)), [100 + i for i in range(n)])
+
+
+def _matching_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    """One torchrun-like process: join a gloo group, run the matching, save what this rank ended with."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        w, data = random_world(0)
+        oc._image_features, oc._text_features = w.image_features, w.text_features
+        res = defense(top_k=4, match_chunk=3).data_step(Ctx(data), None)
+        torch.save({"ci": res.caption_index, **res.scores}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_matching_sharded_over_two_processes_equals_one_process(
+    use_world: Callable[[FakeWorld], None], tmp_path: Path
+) -> None:
+    w, data = random_world(0)
+    use_world(w)
+    single = defense(top_k=4, match_chunk=3).data_step(Ctx(data), None)
+    assert single.flagged.any()  # the random world makes the test meaningful
+    # this process is rank 0 (its features are already installed), one spawned process is rank 1
+    init = str(tmp_path / "init")
+    child = torch.multiprocessing.get_context("spawn").Process(target=_matching_worker,
+                                                               args=(1, 2, init, str(tmp_path)))
+    child.start()
+    try:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{init}", rank=0, world_size=2)
+        try:
+            res = defense(top_k=4, match_chunk=3).data_step(Ctx(data), None)
+            torch.save({"ci": res.caption_index, **res.scores}, tmp_path / "rank0.pt")
+        finally:
+            torch.distributed.destroy_process_group()
+    finally:
+        child.join(timeout=300)
+    assert child.exitcode == 0
+    for rank in (0, 1):  # 13 rows: shards of 6 and 7 images, pool features gathered from both
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.equal(got["ci"], single.caption_index)
+        for k, v in single.scores.items():
+            assert torch.allclose(got[k], v, atol=1e-6)
 
 
 def test_fifo_pool_limits_the_candidates(use_world: Callable[[FakeWorld], None]) -> None:

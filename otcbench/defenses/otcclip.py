@@ -33,12 +33,13 @@ from otcbench.config import Options
 from otcbench.defenses.base import DEFENSES, DataContext, DataStepResult, Defense
 from otcbench.errors import UserError
 from otcbench.models import encode_fine_grained, encode_image_tokens, encode_text_tokens
+from otcbench.train import distributed
 from otcbench.train.losses import clip_loss
 
 if TYPE_CHECKING:
     from otcbench.train.loop import Batch, Trainer
 
-__all__ = ["OTCCLIP", "OTCCLIPOptions", "rank_candidates", "shard_bounds"]
+__all__ = ["OTCCLIP", "OTCCLIPOptions", "rank_candidates"]
 
 
 class OTCCLIPOptions(Options):
@@ -111,31 +112,6 @@ def _text_features(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.
 
 # ------------------------------------------------------------------------------------------------
 # pure helpers
-
-
-def shard_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
-    """Rows [lo, hi) of ``rank`` in a balanced contiguous split of ``n`` rows over ``world_size`` ranks."""
-    return n * rank // world_size, n * (rank + 1) // world_size
-
-
-def _dist_info() -> tuple[int, int]:
-    """(world_size, rank) under an initialised torch.distributed group, else (1, 0)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return 1, 0
-
-
-def _gather_rows(part: torch.Tensor, n: int, world_size: int) -> torch.Tensor:
-    """Concatenate every rank's rows [lo, hi) (in rank order) into the full (n, ...) tensor."""
-    if world_size == 1:
-        return part
-    widest = -(-n // world_size)  # shards differ by at most one row: pad to the widest for all_gather
-    padded = part.new_zeros((widest, *part.shape[1:]))
-    padded[: part.shape[0]] = part
-    bufs = [torch.empty_like(padded) for _ in range(world_size)]
-    torch.distributed.all_gather(bufs, padded)
-    sizes = [shard_bounds(n, world_size, r)[1] - shard_bounds(n, world_size, r)[0] for r in range(world_size)]
-    return torch.cat([b[:s] for b, s in zip(bufs, sizes, strict=True)])
 
 
 def _progress_on(ctx: Any) -> bool:
@@ -272,13 +248,13 @@ class OTCCLIP(Defense):
         (1 − d_OT of the own pair) and ``global`` (cosine of the own pair) — higher = more likely clean.
         """
         n = len(ctx.data)
-        world, rank = _dist_info()
         pool = self._pool_rows(ctx, epoch)
-        pool_global = self._pool_globals(ctx, pool, world, rank)
-        lo, hi = shard_bounds(n, world, rank)
+        pool_global = self._pool_globals(ctx, pool)
+        # under torchrun every rank scores its own rows; the gathered result is identical on all ranks
+        lo, hi = distributed.shard(n)
         assigned, own = self.score_rows(ctx, lo, hi, pool, pool_global)
-        assigned = _gather_rows(assigned, n, world).cpu()
-        own = _gather_rows(own, n, world).cpu()
+        assigned = distributed.all_gather_rows(assigned).cpu()
+        own = distributed.all_gather_rows(own).cpu()
         flagged = assigned != torch.arange(n)
         scores = {"match": own[:, 0], "ot": own[:, 1], "global": own[:, 2]}
         summary: dict[str, Any] = {"repaired": float(flagged.float().mean()), "repaired_n": int(flagged.sum()),
@@ -312,19 +288,20 @@ class OTCCLIP(Defense):
         used = order[: max(1, n // bs) * bs]
         return used[-size:].sort().values
 
-    def _pool_globals(self, ctx: DataContext, pool: torch.Tensor, world: int, rank: int) -> torch.Tensor:
+    def _pool_globals(self, ctx: DataContext, pool: torch.Tensor) -> torch.Tensor:
         """L2-normalised global features [P, D] of the pool captions (sharded over ranks, then gathered)."""
-        lo, hi = shard_bounds(pool.numel(), world, rank)
-        parts = []
+        lo, hi = distributed.shard(pool.numel())
         model = ctx.model
+        # an empty shard (fewer pool rows than ranks) still needs [0, D] for the gather: encode one caption
+        mine = pool[lo:hi] if hi > lo else pool[:1]
+        parts = []
         with _eval_mode(model), torch.no_grad():
-            for chunk in pool[lo:hi].split(max(1, ctx.embed_batch_size)):
+            for chunk in mine.split(max(1, ctx.embed_batch_size)):
                 with ctx.autocast():
                     g, _, _ = _text_features(model, ctx.data.tokens[chunk].to(ctx.device, non_blocking=True))
                 parts.append(F.normalize(g.float(), dim=-1))
-        dim = parts[0].shape[1] if parts else 1
-        mine = torch.cat(parts) if parts else torch.empty(0, dim, device=ctx.device)
-        return _gather_rows(mine, pool.numel(), world)
+        feats = torch.cat(parts)
+        return distributed.all_gather_rows(feats if hi > lo else feats[:0])
 
     @torch.no_grad()
     def score_rows(
@@ -397,7 +374,8 @@ class OTCCLIP(Defense):
         fg = encode_fine_grained(trainer.model, batch.images, batch.tokens)
         img = F.normalize(fg.image_global, dim=-1)
         txt = F.normalize(fg.text_global, dim=-1)
-        loss_clip = clip_loss(img, txt, trainer.logit_scale())
+        # over the global batch under torchrun (the identity in one process), as the plain CLIP loss
+        loss_clip = clip_loss(trainer.gather(img), trainer.gather(txt), trainer.logit_scale())
         t_mask = self._text_mask(fg.text_mask)
         loss = loss_clip
         extras = {"loss_clip": float(loss_clip.detach())}
