@@ -386,6 +386,42 @@ def poison_cmd(
     console.print(table)
 
 
+@app.command("defend")
+@handle_errors
+def defend_cmd(
+    data: Annotated[Path, typer.Argument(help="Pair dataset (e.g. a poisoned one; never modified).")],
+    out: Annotated[Path, typer.Argument(help="New directory: re-paired dataset + pair_scores.parquet + defend.json.")],
+    defense: Annotated[str, typer.Option("--defense", help="A defense with a data-side step (otcclip, …).")],
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run directory or checkpoint file.")],
+    set_: SetOpt = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model name if the checkpoint lacks it.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per no-grad chunk.")] = 512,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
+    no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Run a defense's data-side step alone (caption re-matching / pair filtering) with a trained model;
+    writes the re-paired dataset, per-pair scores and detection metrics. --set takes the defense's options.
+
+    Example: otcbench defend data/p data/p-otc --defense otcclip --checkpoint runs/clip --set top_k=10
+    """
+    from otcbench.config import apply_overrides
+    from otcbench.defenses.defend import report_table, run_defend
+
+    _quiet_datasets()
+    options = apply_overrides({}, set_)
+    if set(options) == {"defense"} and isinstance(options["defense"], dict):  # train-style keys work too
+        options = options["defense"].get("options", {})
+    report = run_defend(data, out, defense=defense, checkpoint=checkpoint, options=options, model_name=model,
+                        batch_size=batch_size, device=device, show_progress=_progress_enabled(no_progress),
+                        command=" ".join(["otcbench", *sys.argv[1:]]))
+    if as_json:
+        console.print_json(json.dumps(report))
+        return
+    console.print(report_table(report))
+    console.print(f"defended dataset written to [bold]{report['out']}[/]")
+
+
 # --------------------------------------------------------------------------------------------------
 # list
 

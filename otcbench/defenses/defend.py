@@ -1,0 +1,266 @@
+"""``otcbench defend``: a defense's data-side step alone, with a given model, on a pair dataset.
+
+Runs :meth:`Defense.data_step` of any matching/filtering defense (otcclip, safeclip, …) with the model of
+a checkpoint, and writes OUT:
+
+* the re-paired pair dataset (standard format, loadable by ``train``/``eval``/``data show``): every row of
+  the source, in order, each image with the caption the defense assigned (``caption_index``); labels,
+  ``poison`` flags (ground truth of the *row*), origins, the poison manifest, the eval set and the target
+  images are kept, so ``eval --poison OUT`` works on it. Rows a filtering defense would not train on
+  (``keep=False``) are **kept** in the dataset; the split is recorded in ``pair_scores.parquet`` (column
+  ``keep``) and counted in ``defend.json`` — the dataset format stays the standard one.
+* ``pair_scores.parquet``: one line per row — ``row``, ``caption_row``, ``poison``, ``flagged``,
+  ``repaired``, ``keep`` and every score of the step as ``score_<name>`` (higher = more likely clean).
+* ``defend.json``: what ran (defense, options, checkpoint, model, data), counts, the step's summary and,
+  when the dataset has poisoned rows, the detection metrics (``detect_*``, ``poison_repaired``,
+  ``clean_repaired``; one AUROC per score, side by side).
+
+Everything is written atomically (one rename), and every bad input is a one-line error before the model
+runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from otcbench import __version__
+from otcbench.data.format import build_pair_dataset, image_bytes, load_pair_dataset, save_pair_dataset
+from otcbench.defenses.base import DEFENSES, DataStepResult, Defense
+from otcbench.errors import UserError
+from otcbench.eval.detection import detection_metrics
+from otcbench.models import checkpoint_model_name, create_model, get_tokenizer, image_size
+from otcbench.train.data import TrainData, load_train_data
+
+__all__ = ["PAIR_SCORES", "REPORT", "StandaloneContext", "data_step_defenses", "report_table", "run_defend"]
+
+PAIR_SCORES = "pair_scores.parquet"
+REPORT = "defend.json"
+#: directories of the source dataset carried into OUT (eval set, targeted-attack target images)
+CARRIED_DIRS = ("eval", "targets")
+
+
+@dataclass
+class StandaloneContext:
+    """A :class:`~otcbench.defenses.base.DataContext` built from a checkpoint, outside any training run."""
+
+    model: torch.nn.Module
+    data: TrainData
+    device: torch.device
+    caption_index: torch.Tensor
+    amp_dtype: torch.dtype | None
+    batch_size: int
+    show_progress: bool = False
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    @property
+    def embed_batch_size(self) -> int:
+        return self.batch_size
+
+
+def data_step_defenses() -> list[str]:
+    """Names of the registered defenses that implement a data-side step."""
+    return [n for n in DEFENSES.names() if DEFENSES.get(n).data_step is not Defense.data_step]
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} is a file; choose a new directory for the defended dataset")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"output {out} exists and is not empty; choose a new directory or remove it first")
+
+
+def run_defend(
+    data: str | Path,
+    out: str | Path,
+    *,
+    defense: str,
+    checkpoint: str | Path,
+    options: dict[str, Any] | None = None,
+    model_name: str | None = None,
+    batch_size: int = 512,
+    device: str = "auto",
+    show_progress: bool = True,
+    command: str = "otcbench defend",
+) -> dict[str, Any]:
+    """Run ``defense``'s data-side step with the model of ``checkpoint`` on ``data``; write and return the report.
+
+    Args:
+        data: pair dataset directory.
+        out: new (or empty) directory for the defended dataset and its reports.
+        defense: registry name of a defense with a data-side step (``data_step_defenses()``).
+        checkpoint: run directory (its ``checkpoints/last.pt``) or checkpoint file.
+        options: the defense's options (validated by its options model).
+        model_name: architecture, when the checkpoint does not record it.
+        batch_size: images per no-grad chunk for whole-dataset passes.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+        show_progress: rich progress bars (also off when ``OTCBENCH_NO_PROGRESS`` is set).
+        command: recorded as the dataset's provenance.
+
+    Returns:
+        The report written to ``OUT/defend.json`` (plus ``"out"``).
+    """
+    from otcbench.eval.run import resolve_checkpoint
+    from otcbench.train.loop import autocast_dtype, resolve_device
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    _check_out(out)
+    cls = DEFENSES.get(defense)
+    if cls.data_step is Defense.data_step:
+        raise UserError(f"defense {defense!r} has no data-side step, so there is nothing to run alone; defend "
+                        f"works with {', '.join(data_step_defenses()) or 'none registered'}")
+    opts = DEFENSES.options(defense, options)
+    d: Defense = cls(opts)
+    ck = resolve_checkpoint(checkpoint)
+    name = model_name or checkpoint_model_name(ck.file)
+    if not name:
+        raise UserError(f"checkpoint {ck.file} does not record its model; pass --model NAME")
+    src = load_pair_dataset(data)
+    if out.resolve() == src.path.resolve():
+        raise UserError("the output must differ from the source dataset; defend never modifies its input")
+    dev = resolve_device(device)
+    model = create_model(name, checkpoint=ck.file, device=dev)
+    model.eval()
+    tokenizer = get_tokenizer(name)
+    side = image_size(model)[0]
+    td = load_train_data(src, tokenizer, image_size=None)
+    if td.images.shape[-1] > 4 * side:  # as the trainer: resize once rather than at every pass
+        td = load_train_data(src, tokenizer, image_size=side)
+    ctx = StandaloneContext(model=model, data=td, device=dev, caption_index=torch.arange(len(td)),
+                            amp_dtype=autocast_dtype("auto", dev), batch_size=batch_size,
+                            show_progress=show_progress)
+    result = d.data_step(ctx, None)
+    _check_result(result, len(td), defense)
+
+    n = len(td)
+    ci = result.caption_index.cpu().long()
+    flagged = result.flagged.cpu().bool()
+    keep = result.keep.cpu().bool() if result.keep is not None else torch.ones(n, dtype=torch.bool)
+    repaired = ci != torch.arange(n)
+    poison = td.poison
+    report: dict[str, Any] = {
+        "defense": defense,
+        "options": opts.model_dump(mode="json"),
+        "checkpoint": str(ck.file),
+        "model": name,
+        "data": str(src.path),
+        "data_fingerprint": src.meta.fingerprint,
+        "n": n,
+        "n_flagged": int(flagged.sum()),
+        "n_repaired": int(repaired.sum()),
+        "n_keep": int(keep.sum()),
+        "scores": list(result.scores),
+        "summary": result.summary,
+    }
+    if any(poison):
+        report.update(detection_metrics(flagged, result.scores or None, poison, caption_index=ci))
+
+    captions = td.captions
+    new_captions = [captions[int(j)] for j in ci]
+    ds = build_pair_dataset(image_bytes(src.ds, src.path), new_captions, list(src.ds["label"]), list(poison),
+                            list(src.ds["origin"]))
+    meta = src.meta.model_copy(deep=True)
+    meta.otcbench_version = __version__
+    meta.created_by = {"command": command, "options": {"defense": defense, "defense_options": report["options"],
+                                                       "checkpoint": str(ck.file), "model": name,
+                                                       "source": str(src.path),
+                                                       "source_fingerprint": src.meta.fingerprint},
+                       "seed": None}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.parts-", dir=out.parent))
+    try:
+        extra: dict[str, Path] = {}
+        for sub in CARRIED_DIRS:
+            if (src.path / sub).is_dir():
+                shutil.copytree(src.path / sub, staging / sub)
+                extra[sub] = staging / sub
+        _write_scores(staging / PAIR_SCORES, ci, poison, flagged, repaired, keep, result.scores)
+        extra[PAIR_SCORES] = staging / PAIR_SCORES
+        report["seconds"] = round(time.perf_counter() - t0, 2)
+        (staging / REPORT).write_text(json.dumps(report, indent=2))
+        extra[REPORT] = staging / REPORT
+        save_pair_dataset(ds, out, meta, overwrite=out.exists(), extra_dirs=extra)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {**report, "out": str(out)}
+
+
+def _check_result(result: DataStepResult, n: int, defense: str) -> None:
+    """A defense bug (wrong shapes) is reported plainly rather than as a confusing write error."""
+    problems = []
+    if result.caption_index.shape != (n,):
+        problems.append(f"caption_index has shape {tuple(result.caption_index.shape)}")
+    if result.flagged.shape != (n,):
+        problems.append(f"flagged has shape {tuple(result.flagged.shape)}")
+    if result.keep is not None and result.keep.shape != (n,):
+        problems.append(f"keep has shape {tuple(result.keep.shape)}")
+    problems += [f"score {k!r} has shape {tuple(v.shape)}" for k, v in result.scores.items() if v.shape != (n,)]
+    if problems:
+        raise RuntimeError(f"defense {defense!r} returned a malformed data-side step for {n} rows: "
+                           + "; ".join(problems))
+
+
+def _write_scores(path: Path, ci: torch.Tensor, poison: list[str], flagged: torch.Tensor, repaired: torch.Tensor,
+                  keep: torch.Tensor, scores: dict[str, torch.Tensor]) -> None:
+    import pandas as pd
+
+    n = ci.numel()
+    table = {
+        "row": torch.arange(n).numpy(),
+        "caption_row": ci.numpy(),
+        "poison": poison,
+        "flagged": flagged.numpy(),
+        "repaired": repaired.numpy(),
+        "keep": keep.numpy(),
+    }
+    for k, v in scores.items():
+        table[f"score_{k}"] = v.detach().float().cpu().numpy()
+    pd.DataFrame(table).to_parquet(path, index=False)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def report_table(report: dict[str, Any]) -> Any:
+    """The on-screen summary of a ``defend`` report: counts, detection metrics, one AUROC per score."""
+    from rich.table import Table
+
+    table = Table(title=f"defend — {report['defense']} with {report['model']} on {report['n']} pairs")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("", style="dim")
+    table.add_row("flagged pairs", str(report["n_flagged"]), "the defense acted on them")
+    table.add_row("re-paired pairs", str(report["n_repaired"]), "caption replaced")
+    table.add_row("kept pairs", str(report["n_keep"]), "trained on with the CLIP loss")
+    if "detect_n_poison" in report:
+        table.add_row("poisoned pairs", str(report["detect_n_poison"]), "ground truth")
+        table.add_row("detect precision", _fmt(report["detect_precision"]), "poisoned among flagged")
+        table.add_row("detect recall", _fmt(report["detect_recall"]), "flagged among poisoned")
+        table.add_row("poison repaired", _fmt(report["poison_repaired"]), "of poisoned pairs")
+        table.add_row("clean repaired", _fmt(report["clean_repaired"]), "of clean pairs")
+        for i, name in enumerate(report["scores"]):
+            note = "the defense's own score" if i == 0 else "ablation, side by side"
+            table.add_row(f"AUROC ({name} score)", _fmt(report.get(f"detect_auroc_{name}")), note)
+    else:
+        table.add_row("detection", "-", "the dataset has no poisoned rows")
+    return table

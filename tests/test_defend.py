@@ -1,0 +1,176 @@
+"""Tests for ``otcbench defend`` (otcbench.defenses.defend): the re-paired dataset, per-pair scores, the report
+with detection metrics, any data-side defense, and one-line errors on bad input."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from click.testing import Result
+from typer.testing import CliRunner
+
+from otcbench.attacks.poison import poison_dataset
+from otcbench.cli import app
+from otcbench.config import Options
+from otcbench.data.format import load_pair_dataset
+from otcbench.defenses import DEFENSES
+from otcbench.defenses.base import DataContext, DataStepResult, Defense
+from otcbench.defenses.defend import PAIR_SCORES, REPORT, run_defend
+from otcbench.eval.asr import load_poisoned
+from otcbench.eval.detection import detection_metrics
+
+runner = CliRunner()
+
+
+def invoke(*args: str | Path) -> Result:
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def poisoned(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny world with a badnet backdoor (16 pairs) and a targeted attack (2 targets × 4 pairs)."""
+    out = tmp_path_factory.mktemp("defend") / "p"
+    poison_dataset(tiny_world, out, [("badnet", {"count": 16}),
+                                     ("targeted", {"n_targets": 2, "poisons_per_target": 4,
+                                                   "caption_source": "names"})], seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def defended(poisoned: Path, trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("defended") / "out"
+    report = run_defend(poisoned, out, defense="otcclip", checkpoint=trained_run, options={"top_k": 3},
+                        batch_size=128, device="cpu", show_progress=False)
+    return out, report
+
+
+def test_defend_writes_repaired_dataset(defended: tuple[Path, dict], poisoned: Path) -> None:
+    out, _ = defended
+    src, dst = load_pair_dataset(poisoned), load_pair_dataset(out)  # fingerprints verified
+    scores = pd.read_parquet(out / PAIR_SCORES)
+    assert len(dst) == len(src) == len(scores) == 408
+    ci = scores["caption_row"].tolist()
+    assert dst.captions == [src.captions[j] for j in ci]
+    for col in ("label", "poison", "origin"):
+        assert list(dst.ds[col]) == list(src.ds[col])
+    assert dst.meta.poison == src.meta.poison and dst.meta.classnames == src.meta.classnames
+    assert dst.meta.created_by["options"]["defense"] == "otcclip"
+    # the eval set and the targets travel with it: `eval --poison OUT` works on the defended dataset
+    assert (out / "eval").is_dir() and (out / "targets").is_dir()
+    load_poisoned(out)
+
+
+def test_pair_scores_and_report_agree(defended: tuple[Path, dict]) -> None:
+    out, report = defended
+    scores = pd.read_parquet(out / PAIR_SCORES)
+    assert list(scores.columns) == ["row", "caption_row", "poison", "flagged", "repaired", "keep",
+                                    "score_match", "score_ot", "score_global"]
+    assert scores["row"].tolist() == list(range(408))
+    assert (scores["flagged"] == (scores["caption_row"] != scores["row"])).all()  # otcclip flags re-pairs
+    assert scores["keep"].all()
+    on_disk = json.loads((out / REPORT).read_text())
+    assert on_disk == {k: v for k, v in report.items() if k != "out"}
+    assert report["n"] == 408 and report["n_flagged"] == int(scores["flagged"].sum())
+    assert report["scores"] == ["match", "ot", "global"]
+    # the detection metrics are those of the per-pair table
+    expected = detection_metrics(torch.tensor(scores["flagged"].to_numpy()),
+                                 {k: torch.tensor(scores[f"score_{k}"].to_numpy()) for k in report["scores"]},
+                                 scores["poison"].tolist())
+    for k, v in expected.items():
+        assert report[k] == pytest.approx(v), k
+    assert report["detect_n_poison"] == 24
+    for name in ("match", "ot", "global"):
+        assert 0.0 <= report[f"detect_auroc_{name}"] <= 1.0
+    assert report["detect_auroc"] == report["detect_auroc_match"]
+
+
+class _Filter(Defense):
+    """A test-only data-side defense: swaps the captions of rows 0 and 1, drops row 2, flags all three."""
+
+    Options = Options
+
+    def data_step(self, ctx: DataContext, epoch: int | None = None) -> DataStepResult:
+        n = len(ctx.data)
+        ci = torch.arange(n)
+        ci[0], ci[1] = 1, 0
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[2] = False
+        flagged = torch.zeros(n, dtype=torch.bool)
+        flagged[:3] = True
+        return DataStepResult(caption_index=ci, flagged=flagged, keep=keep, scores={"row": -torch.arange(n).float()})
+
+
+@pytest.fixture
+def filter_defense(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    _Filter.name = "test-filter"
+    monkeypatch.setitem(DEFENSES._items, "test-filter", _Filter)
+    yield "test-filter"
+
+
+def test_defend_works_for_any_data_side_defense(
+    filter_defense: str, tiny_world: Path, trained_run: Path, tmp_path: Path
+) -> None:
+    report = run_defend(tiny_world, tmp_path / "out", defense=filter_defense, checkpoint=trained_run,
+                        device="cpu", show_progress=False)
+    src, dst = load_pair_dataset(tiny_world), load_pair_dataset(tmp_path / "out")
+    assert dst.captions[:3] == [src.captions[1], src.captions[0], src.captions[2]]
+    assert dst.captions[3:] == src.captions[3:]
+    scores = pd.read_parquet(tmp_path / "out" / PAIR_SCORES)
+    assert scores["keep"].tolist()[:4] == [True, True, False, True]  # dropped rows are kept, marked
+    assert scores["repaired"].tolist()[:3] == [True, True, False]
+    assert (report["n_flagged"], report["n_repaired"], report["n_keep"]) == (3, 2, 383)
+    assert "detect_auroc" not in report  # a clean world: nothing to detect
+
+
+def test_defend_cli_shows_both_aurocs(poisoned: Path, trained_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    out.mkdir()  # an existing empty directory is fine
+    res = invoke("defend", poisoned, out, "--defense", "otcclip", "--checkpoint", trained_run / "checkpoints" /
+                 "last.pt", "--set", "defense.options.top_k=2", "--set", "defense.options.score=global",
+                 "--device", "cpu", "--batch-size", "100")
+    assert res.exit_code == 0, res.output
+    assert "AUROC (ot score)" in res.stdout and "AUROC (global score)" in res.stdout
+    report = json.loads((out / REPORT).read_text())
+    assert report["options"]["top_k"] == 2 and report["options"]["score"] == "global"
+
+
+def _one_line_error(res: Result, fragment: str) -> None:
+    assert res.exit_code == 2, (res.output, res.exception)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], res.stderr
+    assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--defense", "none"], "has no data-side step"),
+        (["--defense", "otcclp"], "unknown defense"),
+        (["--defense", "otcclip", "--set", "topk=3"], "unknown key"),
+        (["--defense", "otcclip", "--model", "otc-vit-tiny"], "trained with model 'otc-rn-nano'"),
+        (["--defense", "otcclip", "--batch-size", "0"], "--batch-size must be at least 1"),
+    ],
+)
+def test_defend_bad_input_is_one_line(
+    args: list[str], fragment: str, poisoned: Path, trained_run: Path, tmp_path: Path
+) -> None:
+    _one_line_error(invoke("defend", poisoned, tmp_path / "o", "--checkpoint", trained_run, *args), fragment)
+    assert not (tmp_path / "o").exists()  # nothing written on bad input
+
+
+def test_defend_missing_checkpoint_and_nonempty_out(poisoned: Path, trained_run: Path, tmp_path: Path) -> None:
+    _one_line_error(invoke("defend", poisoned, tmp_path / "o", "--defense", "otcclip",
+                           "--checkpoint", tmp_path / "nope.pt"), "does not exist")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("keep me")
+    _one_line_error(invoke("defend", poisoned, full, "--defense", "otcclip", "--checkpoint", trained_run),
+                    "not empty")
+    assert (full / "x").read_text() == "keep me"
+    _one_line_error(invoke("defend", tmp_path / "nodata", tmp_path / "o2", "--defense", "otcclip",
+                           "--checkpoint", trained_run), "does not exist")
+
