@@ -68,19 +68,25 @@ def plot_asr_vs_accuracy(df: pd.DataFrame, path: Path) -> bool:
             x, y = g["zeroshot_top1"].astype(float) * 100, g[m].astype(float) * 100
             ax.errorbar(x.mean(), y.mean(), xerr=x.std(ddof=1) if len(g) > 1 else None,
                         yerr=y.std(ddof=1) if len(g) > 1 else None, fmt=markers[attack], color=colours[defense],
-                        markersize=7, capsize=3, label=f"{defense} / {attack}")
+                        markersize=7, capsize=3)
         if clean is not None and len(clean) and clean["zeroshot_top1"].notna().any():
-            ax.axvline(clean["zeroshot_top1"].astype(float).mean() * 100, ls="--", color="grey", lw=1,
-                       label="clean reference")
+            ax.axvline(clean["zeroshot_top1"].astype(float).mean() * 100, ls="--", color="grey", lw=1)
         ax.set_xlabel("clean zero-shot top-1 (%) →")
         ax.set_ylabel(f"{m} (%) ↓")
         ax.set_ylim(-3, 103)
         ax.grid(alpha=0.3)
         ax.set_title(m.replace("_", " "))
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.04 + 0.03 * math.ceil(len(labels) / 4), 1, 1))
-    fig.savefig(path, dpi=110)
+    # two legends in one: colour = defense, marker = attack (every combination would not fit)
+    from matplotlib.lines import Line2D
+
+    shown = set(done[done[metrics].notna().any(axis=1)]["attack"])
+    handles = [Line2D([], [], color=colours[d], marker="s", ls="", label=d) for d in colours]
+    handles += [Line2D([], [], color="grey", marker=markers[a], ls="", label=a) for a in attacks if a in shown]
+    if clean is not None and len(clean):
+        handles.append(Line2D([], [], color="grey", ls="--", label="clean reference"))
+    fig.tight_layout()
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
 

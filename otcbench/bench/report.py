@@ -140,7 +140,7 @@ def read_summary(path: str | Path) -> pd.DataFrame:
         raise UserError(f"{p} lacks the columns {', '.join(missing)}; it was not written by `otcbench run`")
     for c in ("attack", "defense", "status", "error", "sweep", "defense_sweep"):
         if c in df.columns:
-            df[c] = df[c].fillna("").astype(str)
+            df[c] = df[c].astype(object).where(df[c].notna(), "").astype(str)
     return df
 
 

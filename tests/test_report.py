@@ -1,0 +1,153 @@
+"""Tables and plots from a hand-written summary.csv (no training): mean ± std, bolding, LaTeX, PNGs, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from otcbench.bench.plots import write_plots
+from otcbench.bench.report import (
+    HEAD,
+    META,
+    aggregate,
+    latex_table,
+    lower_is_better,
+    markdown_table,
+    read_summary,
+    write_report,
+)
+from otcbench.cli import app
+from otcbench.errors import UserError
+
+cli = CliRunner()
+
+
+def row(run_id: str, attack: str, defense: str, seed: int, status: str = "done", sweep: str = "",
+        sweep_value: Any = "", error: str = "", **metrics: float) -> dict[str, Any]:
+    r: dict[str, Any] = {"run_id": run_id, "attack": attack, "defense": defense, "seed": seed, "status": status,
+                         "seconds": 10.0, "attack_group": attack.split(" ")[0], "defense_group": defense,
+                         "defense_name": defense, "sweep": sweep, "sweep_value": sweep_value, "defense_sweep": "",
+                         "defense_sweep_value": "", "error": error}
+    r.update(metrics)
+    return r
+
+
+def summary(tmp_path: Path) -> Path:
+    """clean × none; badnet × {none, roclip} over 3 seeds (one roclip seed failed); a rate sweep."""
+    rows = [
+        row("c0", "clean", "none", 0, zeroshot_top1=0.80, linear_probe_top1=0.85),
+        row("n0", "badnet", "none", 0, zeroshot_top1=0.70, linear_probe_top1=0.80, asr_backdoor=0.90,
+            asr_backdoor_n=704),
+        row("n1", "badnet", "none", 1, zeroshot_top1=0.72, linear_probe_top1=0.82, asr_backdoor=0.95,
+            asr_backdoor_n=704),
+        row("n2", "badnet", "none", 2, zeroshot_top1=0.74, linear_probe_top1=0.81, asr_backdoor=1.00,
+            asr_backdoor_n=704),
+        row("r0", "badnet", "roclip", 0, zeroshot_top1=0.75, linear_probe_top1=0.79, asr_backdoor=0.10,
+            asr_backdoor_n=704),
+        row("r1", "badnet", "roclip", 1, zeroshot_top1=0.77, linear_probe_top1=0.80, asr_backdoor=0.20,
+            asr_backdoor_n=704),
+        row("r2", "badnet", "roclip", 2, status="failed", error="RuntimeError: out of memory"),
+        row("s1", "badnet rate=0.005", "none", 0, sweep="badnet.rate", sweep_value=0.005, zeroshot_top1=0.78,
+            asr_backdoor=0.40),
+        row("s2", "badnet rate=0.005", "roclip", 0, sweep="badnet.rate", sweep_value=0.005, zeroshot_top1=0.77,
+            asr_backdoor=0.00),
+        row("s3", "badnet rate=0.02", "none", 0, sweep="badnet.rate", sweep_value=0.02, zeroshot_top1=0.70,
+            asr_backdoor=0.99),
+        row("s4", "badnet rate=0.02", "roclip", 0, sweep="badnet.rate", sweep_value=0.02, zeroshot_top1=0.74,
+            asr_backdoor=0.05),
+    ]
+    out = tmp_path / "res"
+    out.mkdir()
+    pd.DataFrame(rows, columns=HEAD + META + ["zeroshot_top1", "linear_probe_top1", "asr_backdoor",
+                                              "asr_backdoor_n"]).to_csv(out / "summary.csv", index=False)
+    (out / "results.json").write_text(json.dumps({"recipe": "demo"}))
+    return out
+
+
+def test_direction_of_metrics() -> None:
+    assert lower_is_better("asr_backdoor") and lower_is_better("asr_targeted") and lower_is_better("clean_repaired")
+    assert not lower_is_better("zeroshot_top1") and not lower_is_better("detect_auroc")
+
+
+def test_aggregate_mean_std_and_counts(tmp_path: Path) -> None:
+    agg = aggregate(read_summary(summary(tmp_path)))
+    none = agg[(agg["attack"] == "badnet") & (agg["defense"] == "none")].iloc[0]
+    assert none["n_done"] == 3 and none["n_runs"] == 3
+    assert none["asr_backdoor_mean"] == pytest.approx(0.95)
+    assert none["asr_backdoor_std"] == pytest.approx(0.05)  # sample std (n - 1)
+    roclip = agg[(agg["attack"] == "badnet") & (agg["defense"] == "roclip")].iloc[0]
+    assert (roclip["n_done"], roclip["n_runs"], roclip["n_failed"]) == (2, 3, 1)  # the failed seed is left out
+    assert roclip["zeroshot_top1_mean"] == pytest.approx(0.76)
+    assert list(agg["attack"]) == ["clean", "badnet", "badnet", "badnet rate=0.005", "badnet rate=0.005",
+                                   "badnet rate=0.02", "badnet rate=0.02"]  # recipe order, not sorted
+
+
+def test_markdown_table_formatting_and_bold(tmp_path: Path) -> None:
+    md = markdown_table(read_summary(summary(tmp_path)), "demo")
+    lines = md.splitlines()
+    assert lines[0] == "### demo"
+    assert lines[2] == "| attack | defense | seeds | zero-shot top-1 (%) ↑ | linear probe (%) ↑ | ASR backdoor (%) ↓ |"
+    assert lines[3] == "|---|---|---:|---:|---:|---:|"
+    # a single row in its attack: nothing to compare, nothing bold; no ASR without an attack
+    assert lines[4] == "| clean | none | 1/1 | 80.0 | 85.0 | – |"
+    # best per attack: highest accuracy, lowest ASR; mean ± sample std over the finished seeds
+    assert lines[5] == "| badnet | none | 3/3 | 72.0 ± 2.0 | **81.0 ± 1.0** | 95.0 ± 5.0 |"
+    assert lines[6] == "| badnet | roclip | 2/3 (1 failed) | **76.0 ± 1.4** | 79.5 ± 0.7 | **15.0 ± 7.1** |"
+    assert lines[7] == "| badnet rate=0.005 | none | 1/1 | **78.0** | – | 40.0 |"
+    assert lines[8] == "| badnet rate=0.005 | roclip | 1/1 | 77.0 | – | **0.0** |"
+    assert "- failed: badnet × roclip (seed 2, run r2): RuntimeError: out of memory" in md
+    assert "best per attack in bold" in md
+
+
+def test_latex_table(tmp_path: Path) -> None:
+    tex = latex_table(read_summary(summary(tmp_path)), "demo")
+    assert r"\begin{tabular}{llrrrr}" in tex and r"\toprule" in tex and r"\bottomrule" in tex
+    assert r"badnet & roclip & 2/3 (1 failed) & \textbf{76.0 $\pm$ 1.4} & 79.5 $\pm$ 0.7 & \textbf{15.0 $\pm$ 7.1} \\" \
+        in tex
+    assert r"ASR backdoor (\%) $\downarrow$" in tex
+    assert tex.count(r"\midrule") == 4  # after the header, then between attacks
+
+
+def test_plots_are_valid_pngs(tmp_path: Path) -> None:
+    out = summary(tmp_path)
+    # a training log for one run: curves come from runs/<id>/log.jsonl
+    (out / "runs" / "n0").mkdir(parents=True)
+    (out / "runs" / "n0" / "log.jsonl").write_text(
+        "\n".join(json.dumps({"type": "step", "step": s, "epoch": 0, "loss": 4.0 / s}) for s in range(1, 6))
+        + '\n{"type": "epoch", "epoch": 0, "step": 5, "loss": 2.0}\n{"torn')
+    files = write_plots(read_summary(out), out)
+    assert sorted(p.name for p in files) == ["asr_vs_accuracy.png", "asr_vs_rate.png", "curves.png"]
+    for p in files:
+        with Image.open(p) as img:
+            img.verify()
+            assert img.format == "PNG" and img.size[0] > 300
+
+
+def test_write_report_and_cli(tmp_path: Path) -> None:
+    out = summary(tmp_path)
+    md = write_report(out, plots=False)
+    assert (out / "table.md").read_text() == md and (out / "table.tex").is_file()
+    assert not (out / "plots").exists()
+    r = cli.invoke(app, ["report", str(out), "--plots"])
+    assert r.exit_code == 0, r.output
+    assert md in r.output and (out / "plots" / "asr_vs_accuracy.png").is_file()
+    r = cli.invoke(app, ["report", str(out), "--format", "latex"])
+    assert r.exit_code == 0 and r.output == (out / "table.tex").read_text()
+    r = cli.invoke(app, ["report", str(out), "--format", "csv"])
+    assert r.exit_code == 0 and r.output == (out / "summary.csv").read_text()
+    r = cli.invoke(app, ["report", str(out), "--format", "html"])
+    assert r.exit_code == 2 and "use md, csv or latex" in r.output
+    r = cli.invoke(app, ["report", str(tmp_path / "nothing")])
+    assert r.exit_code == 2 and "nothing does not exist; pass a results directory" in r.output
+
+
+def test_bad_summary_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "summary.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(UserError, match=r"lacks the columns run_id, attack"):
+        read_summary(tmp_path)
