@@ -58,10 +58,12 @@ class Defense:
 
     Hooks, in the order the trainer calls them:
 
+    * :meth:`train_data` — once, while the trainer is built: the data to train on.
     * :meth:`on_train_start` — once, after the model, optimiser and data exist (also after a resume).
     * :meth:`on_epoch_start` — data-side steps: re-pair captions (write ``trainer.caption_index``),
       refresh pools, score pairs.
     * :meth:`epoch_indices` — sample selection: the rows (in order) this epoch trains on.
+    * :meth:`learning_rate` — every step: adjust the scheduled learning rate (SafeCLIP's phases).
     * :meth:`batch_loss` — the loss of one batch, plus scalars to log.
     * :meth:`state_dict` / :meth:`load_state_dict` — whatever must survive a checkpoint for ``--resume``.
     """
@@ -77,6 +79,18 @@ class Defense:
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         """Called at the start of every epoch (0-based), before :meth:`epoch_indices`."""
+
+    def train_data(self, trainer: Trainer, data: TrainData) -> TrainData:
+        """The data to train on, called once while the trainer is built (default: the given dataset).
+
+        A fine-tuning defense that trains on other data than ``DATA`` (CleanCLIP's clean set) returns it
+        here, before the trainer sizes its epochs and schedule.
+        """
+        return data
+
+    def learning_rate(self, trainer: Trainer, lr: float) -> float:
+        """The learning rate of the coming optimiser step, given the trainer's schedule value (default: it)."""
+        return lr
 
     def epoch_indices(self, trainer: Trainer, epoch: int, order: torch.Tensor) -> torch.Tensor:
         """Rows to train on this epoch, in the order given (default: all of ``order``)."""

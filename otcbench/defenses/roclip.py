@@ -1,0 +1,146 @@
+"""``roclip`` (Yang, Gao, Mirzasoleiman, NeurIPS 2023): nearest-pool-caption matching every few epochs.
+
+What the official code (BigML-CS-UCLA/RoCLIP, ``src/train.py``) does, and this class reproduces:
+
+* a FIFO pool of caption embeddings (21,845 entries), detached, initialised with random unit vectors;
+* in *matching epochs* — ``epoch % match_every == 0`` with the official 1-based epoch count, i.e. the
+  2nd, 4th, … epoch for ``match_every = 2`` — every image is matched to its nearest pool caption
+  (cosine, looked up before the batch's own captions enter the pool), and the loss is the symmetric
+  cross-entropy over ``s · nn · Iᵀ`` with diagonal targets. Pool entries are detached, so the text tower
+  gets no gradient in those epochs (only the ``0 ×`` own-pair term the official code adds, which keeps
+  AdamW's momentum and weight decay moving as there);
+* the other epochs are plain CLIP;
+* images are augmented each time they are seen, captions replaced by one EDA variant computed once.
+
+Quirks of the official code are options (defaults = official behaviour): ``pool_update="matching"``
+(the pool is refreshed only during matching epochs, so it is random at the first one and stale later;
+``"always"`` refreshes it every epoch), ``eda_once`` (False: a fresh EDA variant every epoch) and
+``reencode_matched`` (True: the matched captions are re-encoded with gradient so the text tower learns in
+matching epochs too).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from otcbench.config import Options
+from otcbench.data.augment import ImageAugOptions
+from otcbench.defenses.base import DEFENSES, Defense
+from otcbench.defenses.pool import ROCLIP_POOL_SIZE, EmbeddingPool
+from otcbench.defenses.unimodal import EDAOptions, augmented_batch_images, eda_tokens, matched_clip_loss
+from otcbench.train.losses import clip_loss
+
+
+class RoCLIPOptions(Options):
+    """RoCLIP's options; defaults are the official code's (``--memory_bank_size 21845 --break_epoch 2``)."""
+
+    pool_size: int = Field(
+        ROCLIP_POOL_SIZE, ge=1,
+        description="caption pool entries (official 21,845 for 1M pairs, ~2%; the quickstart's 10k pairs use 1024)",
+    )
+    match_every: int = Field(
+        2, ge=1, description="matching epochs are those whose 1-based number is a multiple of this (official 2)"
+    )
+    pool_update: Literal["matching", "always"] = Field(
+        "matching", description="when captions enter the pool: only in matching epochs (official) or every epoch"
+    )
+    augment: bool = Field(True, description="image augmentation and EDA captions (official --cross_aug)")
+    eda_once: bool = Field(True, description="one EDA variant per caption for the whole run (official)")
+    reencode_matched: bool = Field(
+        False, description="re-encode matched captions with gradient (official: no text gradient in matching epochs)"
+    )
+    own_pair_weight: float = Field(
+        0.0, ge=0, description="weight of the plain CLIP loss on the own pairs in matching epochs (official 0)"
+    )
+    image_aug: ImageAugOptions = Field(default_factory=ImageAugOptions)
+    eda: EDAOptions = Field(default_factory=EDAOptions)
+
+
+@DEFENSES.register("roclip")
+class RoCLIP(Defense):
+    """Robust CLIP pre-training by matching images to their nearest pool caption every few epochs."""
+
+    Options = RoCLIPOptions
+    options: RoCLIPOptions
+
+    def __init__(self, options: RoCLIPOptions) -> None:
+        super().__init__(options)
+        self.pool: EmbeddingPool | None = None
+        self.text_tokens: torch.Tensor | None = None  # EDA captions (or the originals)
+        self.tokens_epoch = -1
+        self.epoch = 0
+        self._seed = 0
+
+    # ----------------------------------------------------------------------------------------------
+
+    def is_matching_epoch(self, epoch: int) -> bool:
+        """Whether 0-based ``epoch`` matches captions (the official code counts epochs from 1)."""
+        return (epoch + 1) % self.options.match_every == 0
+
+    def on_train_start(self, trainer: Any) -> None:
+        self._seed = trainer.cfg.seed
+        self.text_tokens = trainer.data.tokens
+        if self.options.augment and self.options.eda_once:
+            self.text_tokens = eda_tokens(trainer, self._seed, self.options.eda)
+
+    def on_epoch_start(self, trainer: Any, epoch: int) -> None:
+        self.epoch = epoch
+        if self.options.augment and not self.options.eda_once and self.tokens_epoch != epoch:
+            self.text_tokens = eda_tokens(trainer, self._seed * 1_000 + epoch + 1, self.options.eda)
+            self.tokens_epoch = epoch
+
+    def _pool(self, dim: int, device: torch.device) -> EmbeddingPool:
+        if self.pool is None:
+            self.pool = EmbeddingPool(self.options.pool_size, dim, device, seed=self._seed)
+        elif self.pool.device != device:
+            self.pool.to(device)  # restored from a checkpoint on the CPU
+        return self.pool
+
+    def batch_loss(self, trainer: Any, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        o = self.options
+        images = augmented_batch_images(trainer, batch.rows, o.image_aug) if o.augment else batch.images
+        assert self.text_tokens is not None
+        tokens = self.text_tokens[batch.caption_rows].to(trainer.device, non_blocking=True)
+        img, txt = trainer.encode(images, tokens)
+        img, txt = trainer.gather(img), trainer.gather(txt)
+        rows = trainer.gather(batch.caption_rows.to(trainer.device))
+        scale = trainer.logit_scale()
+        matching = self.is_matching_epoch(self.epoch)
+        if not matching:
+            if o.pool_update == "always":
+                self._pool(txt.shape[1], trainer.device).push(txt, rows)
+            return clip_loss(img, txt, scale), {"matching": 0.0}
+        pool = self._pool(txt.shape[1], trainer.device)
+        match = pool.nearest(img)  # before this batch's captions enter the pool (official order)
+        pool.push(txt, rows)
+        matched = match.vectors.to(img.dtype)
+        if o.reencode_matched:
+            real = match.rows >= 0
+            if bool(real.any()):
+                fresh = trainer.model.encode_text(
+                    self.text_tokens[match.rows[real].cpu()].to(trainer.device), normalize=True)
+                matched = matched.clone()
+                matched[real] = fresh.to(matched.dtype)
+        loss = matched_clip_loss(img, matched, scale)
+        # the official code adds 0 × CE(own pairs): the text tower then has (zero) gradients, so AdamW keeps
+        # applying its momentum and weight decay to it
+        loss = loss + o.own_pair_weight * clip_loss(img, txt, scale)
+        extras = {
+            "matching": 1.0,
+            "matched_own": float((match.rows == rows).float().mean()),
+            "matched_random": float((match.rows < 0).float().mean()),
+            "matched_cos": float(match.similarity.mean()),
+        }
+        return loss, extras
+
+    # ----------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pool": self.pool.state_dict() if self.pool is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("pool") is not None:
+            self.pool = EmbeddingPool.from_state(state["pool"])

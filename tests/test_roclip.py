@@ -1,0 +1,201 @@
+"""Tests for the embedding pool and RoCLIP (otcbench.defenses.pool, otcbench.defenses.roclip)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from otcbench.config import TrainJob
+from otcbench.defenses.pool import EmbeddingPool
+from otcbench.defenses.roclip import RoCLIP, RoCLIPOptions
+from otcbench.defenses.unimodal import matched_clip_loss
+from otcbench.train.loop import Trainer
+
+SMALL = {"pool_size": 96}  # the tiny world has 384 pairs: a pool of 1.5 batches
+
+
+def with_defense(job: TrainJob, name: str, **options: Any) -> TrainJob:
+    d = job.model_dump()
+    d["defense"] = {"name": name, "options": options}
+    return TrainJob.model_validate(d)
+
+
+def interrupt_at(step: int) -> Callable[[Trainer], None]:
+    def hook(trainer: Trainer) -> None:
+        if trainer.global_step == step:
+            raise KeyboardInterrupt
+
+    return hook
+
+
+def last_state(run: Path) -> dict[str, Any]:
+    return torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# the pool
+
+
+def test_pool_starts_random_unit_and_is_seeded() -> None:
+    a, b = EmbeddingPool(8, 4, seed=1), EmbeddingPool(8, 4, seed=1)
+    assert torch.equal(a.vectors, b.vectors) and not torch.equal(a.vectors, EmbeddingPool(8, 4, seed=2).vectors)
+    assert torch.allclose(a.vectors.norm(dim=1), torch.ones(8))
+    assert bool((a.rows == -1).all()) and a.filled == 0
+
+
+def test_pool_is_fifo_with_wrap_around_and_detached() -> None:
+    pool = EmbeddingPool(5, 3)
+    x = torch.eye(3).repeat(3, 1)[:7].requires_grad_()  # 7 rows: wraps around
+    pool.push(x[:3], torch.tensor([0, 1, 2]))
+    pool.push(x[3:7], torch.tensor([3, 4, 5, 6]))
+    assert pool.rows.tolist() == [5, 6, 2, 3, 4] and pool.ptr == 2 and pool.filled == 5
+    assert not pool.vectors.requires_grad
+    pool.push(torch.randn(12, 3), torch.arange(100, 112))  # larger than the pool: keeps the last 5
+    assert sorted(pool.rows.tolist()) == list(range(107, 112))
+
+
+def test_pool_nearest_by_cosine_and_state_round_trip() -> None:
+    pool = EmbeddingPool(4, 2)
+    pool.push(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]), torch.tensor([10, 11, 12, 13]))
+    m = pool.nearest(torch.tensor([[5.0, 0.2], [-0.1, -3.0]]))  # unnormalised queries
+    assert m.rows.tolist() == [10, 13] and m.slots.tolist() == [0, 3]
+    assert torch.allclose(m.vectors, torch.tensor([[1.0, 0.0], [0.0, -1.0]]))
+    restored = EmbeddingPool.from_state(pool.state_dict())
+    assert torch.equal(restored.vectors, pool.vectors) and torch.equal(restored.rows, pool.rows)
+    assert (restored.ptr, restored.filled) == (pool.ptr, pool.filled)
+
+
+# --------------------------------------------------------------------------------------------------
+# the mechanism on hand-built embeddings
+
+
+def test_each_image_is_paired_with_its_nearest_pool_caption() -> None:
+    """Images lie next to *other* rows' captions: the match follows the embeddings, not the row ids."""
+    torch.manual_seed(0)
+    captions = F.normalize(torch.randn(6, 16), dim=1)
+    pool = EmbeddingPool(8, 16, seed=3)
+    pool.push(captions, torch.arange(6))
+    partner = torch.tensor([3, 0, 5, 1, 2, 4])  # image i looks like caption partner[i]
+    images = F.normalize(captions[partner] + 0.05 * torch.randn(6, 16), dim=1)
+    match = pool.nearest(images)
+    assert match.rows.tolist() == partner.tolist()
+    # the loss is the symmetric CE over s * nn * I^T with diagonal targets
+    s = torch.tensor(10.0)
+    logits = s * match.vectors @ images.t()
+    target = torch.arange(6)
+    expected = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+    assert torch.allclose(matched_clip_loss(images, match.vectors, s), expected)
+    # a poisoned caption far from its image is not what the image trains with
+    assert float(matched_clip_loss(images, match.vectors, s)) < float(matched_clip_loss(images, captions, s))
+
+
+def test_matching_epochs_follow_the_official_one_based_count() -> None:
+    d = RoCLIP(RoCLIPOptions(match_every=2))
+    assert [e for e in range(6) if d.is_matching_epoch(e)] == [1, 3, 5]
+    d3 = RoCLIP(RoCLIPOptions(match_every=3))
+    assert [e for e in range(7) if d3.is_matching_epoch(e)] == [2, 5]
+
+
+# --------------------------------------------------------------------------------------------------
+# batch loss with a real (tiny) model
+
+
+def _text_grad_norm(model: torch.nn.Module) -> float:
+    return sum(float(p.grad.abs().sum()) for n, p in model.named_parameters()
+               if not n.startswith("visual") and n != "logit_scale" and p.grad is not None)
+
+
+def _image_grad_norm(model: torch.nn.Module) -> float:
+    return sum(float(p.grad.abs().sum()) for n, p in model.named_parameters()
+               if n.startswith("visual") and p.grad is not None)
+
+
+@pytest.mark.parametrize("reencode", [False, True])
+def test_text_tower_gets_no_gradient_in_matching_epochs(
+    tmp_path: Path, make_job: Callable[..., TrainJob], reencode: bool
+) -> None:
+    job = with_defense(make_job(), "roclip", **SMALL, reencode_matched=reencode)
+    trainer = Trainer(job, tmp_path / "run", show_progress=False)
+    d = trainer.defense
+    d.on_train_start(trainer)
+    # pre-fill the pool with real captions so that matches are real rows
+    with torch.no_grad():
+        d._pool(trainer.model.text_projection.shape[1], trainer.device).push(
+            trainer.model.encode_text(d.text_tokens[:96], normalize=True), torch.arange(96))
+    for epoch, matching in ((0, False), (1, True)):
+        d.on_epoch_start(trainer, epoch)
+        trainer.model.zero_grad(set_to_none=True)
+        loss, extras = d.batch_loss(trainer, trainer.make_batch(torch.arange(96, 160)))
+        loss.backward()
+        assert extras["matching"] == float(matching)
+        assert _image_grad_norm(trainer.model) > 0
+        if matching and not reencode:
+            assert _text_grad_norm(trainer.model) == 0.0  # the official code's behaviour (0 x own pairs)
+            assert extras["matched_random"] == 0.0 and extras["matched_own"] == 0.0
+        else:
+            assert _text_grad_norm(trainer.model) > 0
+    # after the matching batch, its captions are in the pool (FIFO), after the lookup
+    assert sorted(d.pool.rows[:64].tolist()) == list(range(96, 160))
+
+
+def test_eda_captions_are_computed_once_and_used(tmp_path: Path, make_job: Callable[..., TrainJob]) -> None:
+    trainer = Trainer(with_defense(make_job(), "roclip", **SMALL), tmp_path / "run", show_progress=False)
+    d = trainer.defense
+    d.on_train_start(trainer)
+    assert d.text_tokens.shape == trainer.data.tokens.shape
+    changed = (d.text_tokens != trainer.data.tokens).any(1).float().mean()
+    assert 0.5 < float(changed) <= 1.0  # most EDA variants differ from the caption
+    before = d.text_tokens.clone()
+    d.on_epoch_start(trainer, 1)
+    assert torch.equal(d.text_tokens, before)
+    fresh = RoCLIP(RoCLIPOptions(eda_once=False, **SMALL))
+    fresh.on_train_start(trainer)
+    fresh.on_epoch_start(trainer, 0)
+    e0 = fresh.text_tokens.clone()
+    fresh.on_epoch_start(trainer, 1)
+    assert not torch.equal(e0, fresh.text_tokens)
+
+
+# --------------------------------------------------------------------------------------------------
+# end to end: two tiny epochs (one plain, one matching) and an exact resume
+
+
+@pytest.fixture(scope="module")
+def roclip_run(tmp_path_factory: pytest.TempPathFactory, make_job: Callable[..., TrainJob]) -> Iterator[Path]:
+    out = tmp_path_factory.mktemp("roclip") / "run"
+    Trainer(with_defense(make_job(checkpoint_every_steps=1), "roclip", **SMALL), out, show_progress=False).fit()
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def test_roclip_trains_end_to_end(roclip_run: Path, trained_run: Path) -> None:
+    import json
+
+    log = [json.loads(x) for x in (roclip_run / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if r["type"] == "step"]
+    assert [r["matching"] for r in steps] == [0.0] * 6 + [1.0] * 6
+    # the first matching batch sees only the random initial pool (the official quirk), later ones real captions
+    assert steps[6]["matched_random"] == 1.0 and steps[-1]["matched_random"] == 0.0
+    state = last_state(roclip_run)
+    assert state["defense"]["pool"]["filled"] == 96 and state["epoch"] == 2
+    base = last_state(trained_run)["model"]
+    assert any(not torch.equal(v, base[k]) for k, v in state["model"].items())  # not plain CLIP
+
+
+def test_roclip_resumes_exactly(
+    roclip_run: Path, tmp_path: Path, make_job: Callable[..., TrainJob]
+) -> None:
+    job = with_defense(make_job(checkpoint_every_steps=1), "roclip", **SMALL)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(job, run, show_progress=False, on_step=interrupt_at(9)).fit()  # inside the matching epoch
+    Trainer(job, run, resume=True, show_progress=False).fit()
+    a, b = last_state(run), last_state(roclip_run)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert torch.equal(a["defense"]["pool"]["vectors"], b["defense"]["pool"]["vectors"])

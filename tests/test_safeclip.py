@@ -1,0 +1,256 @@
+"""Tests for SafeCLIP (otcbench.defenses.safeclip): the GMM, the safe/risky split and its schedule, the
+phases and their learning rates, the unimodal loss, and a tiny end-to-end run that resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from otcbench.config import SynthConfig, TrainJob
+from otcbench.data.synth import write_world
+from otcbench.defenses.pool import EmbeddingPool
+from otcbench.defenses.safeclip import SafeCLIP, SafeCLIPOptions, fit_gmm_1d
+from otcbench.defenses.unimodal import cross_view_clip_loss, nn_contrastive_loss
+from otcbench.errors import UserError
+from otcbench.train.loop import Trainer
+
+FAST = {"unimodal_epochs": 1, "slow_epochs": 1, "bank_size": 32}
+
+
+def with_defense(job: TrainJob, name: str, **options: Any) -> TrainJob:
+    d = job.model_dump()
+    d["defense"] = {"name": name, "options": options}
+    return TrainJob.model_validate(d)
+
+
+def interrupt_at(step: int) -> Callable[[Trainer], None]:
+    def hook(trainer: Trainer) -> None:
+        if trainer.global_step == step:
+            raise KeyboardInterrupt
+
+    return hook
+
+
+def last_state(run: Path) -> dict[str, Any]:
+    return torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# the mixture
+
+
+def test_gmm_recovers_two_components() -> None:
+    g = torch.Generator().manual_seed(0)
+    low = 0.05 + 0.03 * torch.randn(200, generator=g)
+    high = 0.45 + 0.06 * torch.randn(800, generator=g)
+    fit = fit_gmm_1d(torch.cat([low, high]))
+    assert torch.allclose(fit["means"], torch.tensor([0.05, 0.45], dtype=torch.float64), atol=0.01)
+    assert torch.allclose(fit["weights"], torch.tensor([0.2, 0.8], dtype=torch.float64), atol=0.02)
+    assert torch.allclose(fit["variances"].sqrt(), torch.tensor([0.03, 0.06], dtype=torch.float64), atol=0.01)
+    post = fit["posterior"]
+    assert torch.allclose(post.sum(1), torch.ones(1000, dtype=torch.float64))
+    assert float(post[:200, 1].mean()) < 0.02 and float(post[200:, 1].mean()) > 0.98
+    # deterministic and independent of the order of the values
+    perm = torch.randperm(1000, generator=g)
+    again = fit_gmm_1d(torch.cat([low, high])[perm])
+    assert torch.allclose(again["means"], fit["means"]) and torch.allclose(again["posterior"], post[perm])
+
+
+# --------------------------------------------------------------------------------------------------
+# the split and the schedule (hand-built cosines, no model)
+
+
+def fake_trainer(n: int, poisoned: int = 0) -> SimpleNamespace:
+    logged: list[dict[str, Any]] = []
+    return SimpleNamespace(
+        caption_index=torch.arange(n), global_step=0, log=logged.append, logged=logged,
+        data=SimpleNamespace(poison=["backdoor"] * poisoned + [""] * (n - poisoned)),
+    )
+
+
+def hand_cosines(n_bad: int = 30, n_good: int = 370, seed: int = 0) -> torch.Tensor:
+    """Clearly mismatched pairs (cosine ~ 0) first, then clean pairs whose cosines spread over 0.2-0.6."""
+    g = torch.Generator().manual_seed(seed)
+    bad = 0.0 + 0.03 * torch.randn(n_bad, generator=g)
+    good = 0.4 + 0.08 * torch.randn(n_good, generator=g)
+    return torch.cat([bad, good]).float()
+
+
+def test_split_puts_mismatched_pairs_in_the_risky_set_and_the_ratio_grows(monkeypatch: pytest.MonkeyPatch) -> None:
+    d = SafeCLIP(SafeCLIPOptions(**FAST))
+    cos = hand_cosines()
+    monkeypatch.setattr(d, "_scores", lambda ctx, epoch: cos)
+    trainer = fake_trainer(400, poisoned=30)
+    first = d.first_mixed_epoch
+    assert first == 2
+    ratios, safes = [], []
+    for epoch in range(first, first + 4):
+        d.on_epoch_start(trainer, epoch)
+        ratios.append(d.ratio)
+        safes.append(d.safe.clone())
+    # first mixed epoch: P(clean) >= 0.9; every mismatched pair is risky
+    assert not bool(safes[0][:30].any())
+    r0 = ratios[0]
+    assert r0 == pytest.approx(float(safes[0].float().mean()))
+    assert 0.7 < r0 < 0.95
+    # later: top r*N with r += 0.01 per epoch; the safe sets are nested and mismatched pairs stay out
+    assert ratios[1:] == pytest.approx([min(r0 + 0.01 * k, 0.85) for k in (1, 2, 3)])
+    for k in (1, 2, 3):
+        assert int(safes[k].sum()) == int(ratios[k] * 400)
+        assert not bool(safes[k][:30].any())
+    rec = trainer.logged[0]
+    assert rec["type"] == "safeclip" and rec["epoch"] == first and rec["risky_poison_recall"] == 1.0
+    # resuming into an epoch whose split is already known recomputes nothing
+    d.on_epoch_start(trainer, first + 3)
+    assert len(trainer.logged) == 4
+
+
+def test_ratio_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    d = SafeCLIP(SafeCLIPOptions(**FAST))
+    monkeypatch.setattr(d, "_scores", lambda ctx, epoch: hand_cosines(30, 370))
+    trainer = fake_trainer(400)
+    d.on_epoch_start(trainer, 2)
+    assert d.ratio > 0.86  # the first split keeps every pair with P(clean) >= 0.9, even above the cap
+    for epoch in range(3, 5):
+        d.on_epoch_start(trainer, epoch)
+        assert d.ratio == pytest.approx(0.85) and int(d.safe.sum()) == 340
+
+
+def test_data_step_standalone_uses_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    d = SafeCLIP(SafeCLIPOptions())
+    cos = hand_cosines()
+    monkeypatch.setattr(d, "_scores", lambda ctx, epoch: cos)
+    res = d.data_step(fake_trainer(400))
+    assert torch.equal(res.flagged, ~res.keep) and bool(res.flagged[:30].all())
+    assert torch.equal(res.caption_index, torch.arange(400))
+    assert list(res.scores) == ["cosine", "p_clean"] and torch.equal(res.scores["cosine"], cos)
+    assert bool((res.scores["p_clean"][res.keep] >= 0.9).all())
+
+
+def test_epoch_indices_risky_pass_then_safe_pass_without_mixed_batches() -> None:
+    d = SafeCLIP(SafeCLIPOptions(**FAST))
+    d.safe = torch.zeros(100, dtype=torch.bool)
+    d.safe[torch.arange(0, 100, 3)] = True  # 34 safe, 66 risky
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(0))
+    rows = d.epoch_indices(SimpleNamespace(cfg=SimpleNamespace(batch_size=16)), 2, order)
+    assert len(rows) == 64 + 32
+    assert not bool(d.safe[rows[:64]].any()) and bool(d.safe[rows[64:]].all())
+    assert rows[:64].tolist() == [r for r in order.tolist() if not d.safe[r]][:64]  # the epoch's shuffle
+    assert torch.equal(d.epoch_indices(None, 0, order), order)  # warm-up phases: all rows
+    d2 = SafeCLIP(SafeCLIPOptions(**FAST, unimodal_on_risky=False))
+    d2.safe = d.safe
+    assert bool(d.safe[d2.epoch_indices(SimpleNamespace(cfg=SimpleNamespace(batch_size=16)), 2, order)].all())
+
+
+def test_phases_and_learning_rates() -> None:
+    d = SafeCLIP(SafeCLIPOptions(unimodal_epochs=2, slow_epochs=1, slow_lr_factor=0.01))
+    assert [d.phase(e) for e in range(5)] == ["unimodal", "unimodal", "slow", "mixed", "mixed"]
+    cfg = SimpleNamespace(lr=1e-3, warmup=0.1)
+    tr = SimpleNamespace(cfg=cfg, steps_per_epoch=10, total_steps=60, epoch=2, global_step=25)
+    assert d.learning_rate(tr, 123.0) == pytest.approx(1e-5)  # phase B: constant 0.01 x lr
+    tr.epoch, tr.global_step = 3, 30
+    assert d.learning_rate(tr, 123.0) == pytest.approx(1e-3)  # phase C restarts at the full rate
+    tr.global_step = 59
+    assert d.learning_rate(tr, 123.0) < 1e-5
+    tr.epoch, tr.global_step = 0, 0
+    assert d.learning_rate(tr, 123.0) == pytest.approx(1e-3 / 3)  # warm-up over 10% of phases A+B (3 steps)
+    g = SafeCLIP(SafeCLIPOptions(unimodal_epochs=2, slow_epochs=1, lr_schedule="global"))
+    assert g.learning_rate(tr, 123.0) == 123.0
+
+
+# --------------------------------------------------------------------------------------------------
+# losses on hand-built features
+
+
+def test_nn_contrastive_loss_uses_the_bank_before_updating_it() -> None:
+    torch.manual_seed(0)
+    bank = EmbeddingPool(8, 4, seed=1)
+    before = bank.vectors.clone()
+    v1 = F.normalize(torch.randn(3, 4), dim=1)
+    v2 = F.normalize(torch.randn(3, 4), dim=1).requires_grad_()
+    s = torch.tensor(5.0)
+    nn = before[(v1 @ before.t()).argmax(1)]
+    expected = F.cross_entropy(s * v2 @ nn.t(), torch.arange(3))
+    loss = nn_contrastive_loss(v1, v2, s, bank, torch.tensor([7, 8, 9]))
+    assert torch.allclose(loss, expected)
+    assert torch.allclose(bank.vectors[:3], v1) and bank.rows[:3].tolist() == [7, 8, 9]
+    loss.backward()
+    assert v2.grad is not None and float(v2.grad.abs().sum()) > 0
+    in_batch = nn_contrastive_loss(v1, v2, s, None)
+    assert torch.allclose(in_batch, F.cross_entropy(s * v2 @ v1.t(), torch.arange(3)))
+
+
+def test_cross_view_clip_loss() -> None:
+    torch.manual_seed(1)
+    i1, t1, i2, t2 = (F.normalize(torch.randn(4, 6), dim=1) for _ in range(4))
+    s = torch.tensor(3.0)
+    target = torch.arange(4)
+    expected = 0.5 * (F.cross_entropy(s * i1 @ t2.t(), target) + F.cross_entropy(s * t1 @ i2.t(), target))
+    assert torch.allclose(cross_view_clip_loss(i1, t1, i2, t2, s), expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# end to end on a very small world: 1 unimodal + 1 slow + 2 mixed epochs, and an exact resume
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("safeclip") / "world"
+    write_world(out, SynthConfig(n_train=128, probe_train_per_class=2, probe_val_per_class=1, test_per_class=2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def safeclip_job(small_world: Path, make_job: Callable[..., TrainJob]) -> TrainJob:
+    return with_defense(make_job(data=small_world, epochs=4, batch_size=32, checkpoint_every_steps=1),
+                        "safeclip", **FAST)
+
+
+@pytest.fixture(scope="module")
+def safeclip_run(tmp_path_factory: pytest.TempPathFactory, safeclip_job: TrainJob) -> Iterator[Path]:
+    out = tmp_path_factory.mktemp("safeclip-run") / "run"
+    Trainer(safeclip_job, out, show_progress=False).fit()
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def test_safeclip_trains_through_all_phases(safeclip_run: Path) -> None:
+    log = [json.loads(x) for x in (safeclip_run / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if r["type"] == "step"]
+    assert [r["phase"] for r in steps[:8]] == [0.0] * 4 + [1.0] * 4
+    assert all(r["lr"] == pytest.approx(0.01 * 3e-3) for r in steps[4:8])  # phase B at 0.01 x lr
+    splits = [r for r in log if r["type"] == "safeclip"]
+    assert [r["epoch"] for r in splits] == [2, 3]
+    mixed = [r for r in steps if r["epoch"] == 2]
+    risky = [r["risky"] for r in mixed]
+    assert risky == sorted(risky, reverse=True)  # the risky pass first, then the safe pass
+    state = last_state(safeclip_run)["defense"]
+    assert state["split_epoch"] == 3 and state["safe"].shape == (128,)
+    assert set(state["banks"]) == {"image", "text"}
+
+
+def test_safeclip_resumes_exactly(safeclip_run: Path, safeclip_job: TrainJob, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(safeclip_job, run, show_progress=False, on_step=interrupt_at(10)).fit()  # inside a mixed epoch
+    Trainer(safeclip_job, run, resume=True, show_progress=False).fit()
+    a, b = last_state(run), last_state(safeclip_run)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert torch.equal(a["defense"]["safe"], b["defense"]["safe"])
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if r["type"] == "safeclip"] == [2, 3]
+
+
+def test_too_few_epochs_is_a_clear_error(safeclip_job: TrainJob, tmp_path: Path) -> None:
+    d = safeclip_job.model_dump()
+    d["train"]["epochs"] = 2
+    with pytest.raises(UserError, match="leaves no filtering epoch"):
+        Trainer(TrainJob.model_validate(d), tmp_path / "run", show_progress=False).fit()
