@@ -711,3 +711,35 @@ def test_make_importer_validates_options() -> None:
     assert imp.name == "tsv" and imp.options.caption_column == "text"  # type: ignore[attr-defined]
     with pytest.raises(UserError, match="storage"):
         make_importer("x.csv", "csv", {"storage": "cloud"})
+
+
+def test_help_examples_list_formats_and_show(tmp_path: Path) -> None:
+    import re
+
+    for command in (["data", "import"], ["list", "formats"]):
+        res = ok(runner.invoke(app, [*command, "--help"], env={"COLUMNS": "160"}))
+        assert re.search(r"Examples?: otcbench " + " ".join(command) + r"\b", res.stdout), res.stdout
+    res = ok(runner.invoke(app, ["list", "formats"], env={"COLUMNS": "200"}))
+    for name in ("csv", "tsv", "coco", "vg", "webdataset", "hf", "imagefolder", "labelcsv"):
+        assert re.search(rf"│ {name}\s+│", res.stdout), name
+    assert "caption_ext='txt'" in res.stdout and "eval set" in res.stdout
+    # data show reads a linked (path-based) dataset through its stored paths
+    src = make_csv(tmp_path / "cc3m", 6)
+    ok(invoke("data", "import", src, tmp_path / "out", "-f", "csv", "--link-images", "--no-progress"))
+    res = ok(invoke("data", "show", tmp_path / "out", "--out", tmp_path / "grid.png", "-n", "4", "--json"))
+    stats = json.loads(res.stdout)
+    assert stats["rows"] == 6 and stats["fingerprint_ok"] is True and (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_backdoor_on_mixed_sizes_asks_for_image_size(tmp_path: Path) -> None:
+    src = make_csv(tmp_path / "src", 4)
+    save_image(tmp_path / "src" / "images" / "001.png", pixels(1, (40, 32)))  # one image of another size
+    names = tmp_path / "classes.txt"
+    names.write_text("cat\ndog\n")
+    import_dataset(src, tmp_path / "mixed", "csv", {"classnames": str(names), "storage": "link"})
+    with pytest.raises(UserError, match=r"2 different sizes .*--image-size PX"):
+        poison_dataset(tmp_path / "mixed", tmp_path / "p", attack_options(["badnet"], ["count=4"]))
+    assert not (tmp_path / "p").exists()
+    import_dataset(src, tmp_path / "sized", "csv", {"classnames": str(names), "storage": "link", "image_size": 32})
+    meta = poison_dataset(tmp_path / "sized", tmp_path / "p", attack_options(["badnet"], ["count=4"]))
+    assert meta.counts["poisoned"] == 4

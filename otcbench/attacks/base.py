@@ -90,6 +90,11 @@ def decode_png_batch(blobs: list[bytes]) -> torch.Tensor:
     arrays = [decode_image({"bytes": b, "path": None}) for b in blobs]
     if not arrays:
         return torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+    shapes = sorted({a.shape[:2] for a in arrays})
+    if len(shapes) > 1:  # real data: triggers are applied to one batch of equally sized images
+        few = ", ".join(f"{w}x{h}" for h, w in shapes[:3])
+        raise UserError(f"the images to poison have {len(shapes)} different sizes (e.g. {few}); import the "
+                        "dataset with --image-size PX to give them one size")
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
