@@ -38,6 +38,7 @@ DEFAULT_SIZES = ((49, 77), (16, 24))
 DEFAULT_DIMS = (128, 512)
 DEFAULT_BATCHES_CPU = (1024, 4096, 16384)
 DEFAULT_BATCHES_CUDA = (1024, 4096, 16384, 65536)
+DEFAULTS = dict(iters=50, repeats=3, loop_pairs=32)
 QUICK = dict(sizes=((6, 9), (4, 5)), batches=(32, 96), dims=(16,), iters=20, repeats=1, loop_pairs=4)
 
 
@@ -222,3 +223,54 @@ def run_ot_bench(sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES, batches: Sequ
         rows.append(bench_case(n, m, batch, dim, device, eps=eps, iters=iters, repeats=repeats,
                                loop_pairs=loop_pairs, seed=seed, pot_batch=pot_batch))
     return rows
+
+
+def _rate(v: float | None) -> str:
+    if v is None:
+        return "-"
+    for unit, scale in (("M", 1e6), ("k", 1e3)):
+        if v >= scale:
+            return f"{v / scale:.3g}{unit}"
+    return f"{v:.3g}"
+
+
+def _speedup(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3g}×"
+
+
+def render_table(rows: Sequence[dict[str, Any]]):
+    """A rich table of the rows (pairs/s, speedups, max |distance difference|)."""
+    from rich import box
+    from rich.table import Table
+
+    multi = len({r["device"] for r in rows}) > 1
+    devices = "/".join(sorted({r["device"] for r in rows}))
+    table = Table(title=f"bench ot ({devices}): pairs/s, higher is better", box=box.SIMPLE_HEAD, pad_edge=False)
+    cols = (("device",) if multi else ()) + ("n×m", "batch", "dim", "ours", "ours\ne2e", "POT\nbatch", "POT\nloop*",
+                                             "vs\nbatch", "vs\nloop", "max\n|Δd|")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("device", "n×m") else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(*((r["device"],) if multi else ()), f"{r['n']}×{r['m']}", str(r["batch"]), str(r["dim"]),
+                      _rate(r["ours_pairs_per_s"]), _rate(r["ours_e2e_pairs_per_s"]),
+                      _rate(r["pot_batch_pairs_per_s"]), _rate(r["pot_loop_pairs_per_s"]),
+                      _speedup(r["speedup_vs_batch"]), _speedup(r["speedup_vs_loop"]), f"{r['max_abs_diff']:.0e}")
+    return table
+
+
+def table_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Footnotes for the table: what was measured and how."""
+    if not rows:
+        return []
+    r = rows[0]
+    loops = sorted({x["pot_loop_pairs"] for x in rows})
+    return [
+        f"eps {r['eps']}, {r['iters']} iterations for every solver, best of {r['repeats']} runs; "
+        f"torch {r['torch_version']} ({r['threads']} CPU threads), POT {r['pot_version']}.",
+        "ours = otcbench.ot.transport_cost on the cost matrices (path: "
+        f"{', '.join(sorted({x['path'] for x in rows}))}); e2e = otcbench.ot.ot_distance from the features "
+        "(normalise + cost GEMM + solve); POT batch = ot.batch.solve_batch(method='log_sinkhorn').",
+        f"* POT loop = ot.sinkhorn(method='sinkhorn_log') pair by pair, timed on {'/'.join(map(str, loops))} "
+        "pairs per case and extrapolated to the batch; 'vs loop' uses the extrapolated time.",
+        "max |Δd| = largest difference between our distances and POT's (batch and loop) and our e2e ones.",
+    ]
