@@ -199,3 +199,32 @@ def test_roclip_resumes_exactly(
     a, b = last_state(run), last_state(roclip_run)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert torch.equal(a["defense"]["pool"]["vectors"], b["defense"]["pool"]["vectors"])
+
+
+# --------------------------------------------------------------------------------------------------
+# the data-side step alone (otcbench defend)
+
+
+def test_data_step_matches_every_image_to_its_nearest_caption(
+    trained_run: Path, tiny_world: Path, tmp_path: Path
+) -> None:
+    from otcbench.defenses.defend import run_defend
+    from otcbench.defenses.embed import embed_captions, embed_images
+
+    run_defend(tiny_world, tmp_path / "defended", defense="roclip", checkpoint=trained_run,
+               options={"pool_size": 1000}, device="cpu", show_progress=False)
+    import pandas as pd
+
+    scores = pd.read_parquet(tmp_path / "defended" / "pair_scores.parquet")
+    assert len(scores) == 384 and "score_cosine" in scores
+    # the same step with the trainer as context: the assigned caption is the arg-max over all captions
+    trainer = Trainer(TrainJob.model_validate({"data": str(tiny_world), "model": {
+        "name": "otc-rn-nano", "init": str(trained_run / "checkpoints" / "last.pt")},
+        "train": {"device": "cpu", "threads": 1}, "defense": {"name": "roclip"}}), tmp_path / "run",
+        show_progress=False)
+    res = trainer.defense.data_step(trainer)
+    sims = embed_images(trainer) @ embed_captions(trainer).t()
+    assert torch.equal(res.caption_index, sims.argmax(1))
+    assert torch.equal(res.flagged, res.caption_index != torch.arange(384))
+    assert scores["caption_row"].tolist() == res.caption_index.tolist()
+    assert scores["flagged"].tolist() == res.flagged.tolist()

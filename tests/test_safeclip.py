@@ -254,3 +254,17 @@ def test_too_few_epochs_is_a_clear_error(safeclip_job: TrainJob, tmp_path: Path)
     d["train"]["epochs"] = 2
     with pytest.raises(UserError, match="leaves no filtering epoch"):
         Trainer(TrainJob.model_validate(d), tmp_path / "run", show_progress=False).fit()
+
+
+def test_defend_writes_the_split_and_its_scores(trained_run: Path, tiny_world: Path, tmp_path: Path) -> None:
+    import pandas as pd
+
+    from otcbench.defenses.defend import run_defend
+
+    run_defend(tiny_world, tmp_path / "defended", defense="safeclip", checkpoint=trained_run, device="cpu",
+               show_progress=False)
+    scores = pd.read_parquet(tmp_path / "defended" / "pair_scores.parquet")
+    assert {"score_cosine", "score_p_clean", "keep", "flagged"} <= set(scores.columns)
+    assert scores["flagged"].tolist() == (~scores["keep"]).tolist()
+    assert bool((scores.loc[scores["keep"], "score_p_clean"] >= 0.9).all())
+    assert scores["caption_row"].tolist() == list(range(384))  # SafeCLIP filters, it never re-pairs

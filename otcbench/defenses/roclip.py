@@ -28,7 +28,8 @@ from pydantic import Field
 
 from otcbench.config import Options
 from otcbench.data.augment import ImageAugOptions
-from otcbench.defenses.base import DEFENSES, Defense
+from otcbench.defenses.base import DEFENSES, DataContext, DataStepResult, Defense
+from otcbench.defenses.embed import embed_captions, embed_images
 from otcbench.defenses.pool import ROCLIP_POOL_SIZE, EmbeddingPool
 from otcbench.defenses.unimodal import EDAOptions, augmented_batch_images, eda_tokens, matched_clip_loss
 from otcbench.train.losses import clip_loss
@@ -137,6 +138,25 @@ class RoCLIP(Defense):
         return loss, extras
 
     # ----------------------------------------------------------------------------------------------
+
+    def data_step(self, ctx: DataContext, epoch: int | None = None) -> DataStepResult:
+        """RoCLIP's matching over a whole dataset (``otcbench defend``): every image gets its nearest caption
+        in a pool of ``pool_size`` of the dataset's captions (all of them when the dataset is smaller; else a
+        random subset, seeded), with the current model. ``flagged`` = the caption changed; the score is the
+        cosine of each image with its own caption."""
+        g = torch.Generator().manual_seed(self._seed * 1_000_003 + (epoch if epoch is not None else -1))
+        n = len(ctx.data)
+        pool_rows = torch.arange(n) if n <= self.options.pool_size else torch.randperm(n, generator=g)[
+            : self.options.pool_size].sort().values
+        img = embed_images(ctx)
+        own = embed_captions(ctx, ctx.caption_index)
+        pool = embed_captions(ctx, pool_rows)
+        best = torch.cat([(chunk @ pool.t()).argmax(1) for chunk in img.split(ctx.embed_batch_size)])
+        caption_index = pool_rows.to(best.device)[best].cpu()
+        flagged = caption_index != ctx.caption_index.cpu()
+        return DataStepResult(caption_index=caption_index, flagged=flagged,
+                              scores={"cosine": (img * own).sum(-1).cpu()},
+                              summary={"pool": float(len(pool_rows)), "repaired": float(flagged.float().mean())})
 
     def state_dict(self) -> dict[str, Any]:
         return {"pool": self.pool.state_dict() if self.pool is not None else None}
