@@ -228,3 +228,15 @@ def test_data_step_matches_every_image_to_its_nearest_caption(
     assert torch.equal(res.flagged, res.caption_index != torch.arange(384))
     assert scores["caption_row"].tolist() == res.caption_index.tolist()
     assert scores["flagged"].tolist() == res.flagged.tolist()
+
+
+def test_pool_update_always_fills_the_pool_in_plain_epochs(tmp_path: Path, make_job: Callable[..., TrainJob]) -> None:
+    for update, filled in (("matching", 0), ("always", 64)):
+        trainer = Trainer(with_defense(make_job(), "roclip", **SMALL, pool_update=update), tmp_path / update,
+                          show_progress=False)
+        d = trainer.defense
+        d.on_train_start(trainer)
+        d.on_epoch_start(trainer, 0)
+        with torch.no_grad():
+            d.batch_loss(trainer, trainer.make_batch(torch.arange(64)))
+        assert (d.pool.filled if d.pool is not None else 0) == filled

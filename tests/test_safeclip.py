@@ -268,3 +268,16 @@ def test_defend_writes_the_split_and_its_scores(trained_run: Path, tiny_world: P
     assert scores["flagged"].tolist() == (~scores["keep"]).tolist()
     assert bool((scores.loc[scores["keep"], "score_p_clean"] >= 0.9).all())
     assert scores["caption_row"].tolist() == list(range(384))  # SafeCLIP filters, it never re-pairs
+
+
+def test_augmented_scoring_is_seeded_per_epoch(make_job: Callable[..., TrainJob], tmp_path: Path) -> None:
+    """score_views="augmented" (the official code's cosine on its first augmented view) is reproducible."""
+    job = with_defense(make_job(epochs=3), "safeclip", **FAST, score_views="augmented")
+    trainer = Trainer(job, tmp_path / "run", show_progress=False)
+    d = trainer.defense
+    d.on_train_start(trainer)
+    a, b = d._scores(trainer, 2), d._scores(trainer, 2)
+    assert a.shape == (384,) and torch.equal(a, b)
+    assert not torch.equal(a, d._scores(trainer, 3))
+    clean = SafeCLIP(SafeCLIPOptions(**FAST))._scores(trainer, 2)
+    assert not torch.allclose(a, clean) and float(a.abs().max()) <= 1.0
