@@ -56,6 +56,26 @@ def test_matches_pot_solve_batch_fixed_iterations(method: str, eps: float) -> No
     assert torch.allclose(plan.sum(1), torch.full((12, 9), 1 / 9), atol=1e-6)
 
 
+def test_small_problems_padded_for_blas_still_match_pot() -> None:
+    """16x24 problems get one zero-mass column so torch's CPU bmm uses BLAS (see _blas_pad_cols)."""
+    from otcbench.ot.sinkhorn import _blas_pad_cols
+
+    cpu = torch.device("cpu")
+    assert _blas_pad_cols(16, 24, cpu) == 1 and _blas_pad_cols(6, 9, cpu) == 0 and _blas_pad_cols(49, 77, cpu) == 0
+    C = cos_cost(feats(10, 16, 16, seed=44), feats(10, 24, 16, seed=45))
+    ref = pot_batch(C, 0.05, 50)
+    plan = sinkhorn_log(C, eps=0.05, n_iters=50)
+    assert plan.shape == (10, 16, 24) and (plan - ref).abs().max() < 1e-5
+    mask = torch.arange(24)[None] < torch.tensor([24, 20, 3, 1, 24, 7, 9, 24, 12, 5])[:, None]
+    masked = sinkhorn_log(C, b_mask=mask, eps=0.05, n_iters=50)
+    for k in (1, 2, 3):
+        sub = sinkhorn_log(C[k:k + 1, :, :int(mask[k].sum())], eps=0.05, n_iters=50, method="log")[0]
+        assert (masked[k, :, :sub.shape[1]] - sub).abs().max() < 1e-6
+    tol_info = SolveInfo()
+    converged = sinkhorn_log(C, eps=0.05, n_iters=500, tol=1e-5, info=tol_info)
+    assert tol_info.iterations[0] < 500 and (converged.sum(2) - 1 / 16).abs().sum(1).max() < 1e-5
+
+
 def test_uses_log_path_when_kernel_would_underflow_and_still_matches_pot() -> None:
     C = torch.rand(6, 5, 8, generator=torch.Generator().manual_seed(3)) * 2
     eps = 0.01  # range / eps up to 200 > SCALED_MAX_RANGE
