@@ -136,7 +136,7 @@ class CleanCLIP(Defense):
         cfg = world_config(trainer.data_info.meta, Path(trainer.data_info.path))
         if cfg is None:
             raise UserError(f"cleanclip: cannot tell which synthetic world {trainer.data_info.path} comes from, so "
-                            "no clean pairs can be rendered; pass --set defense.clean_data=CLEAN_PAIR_DATASET")
+                            "no clean pairs can be rendered; pass --set defense.options.clean_data=CLEAN_PAIR_DATASET")
         seed = o.clean_seed if o.clean_seed is not None else cfg.seed + 1000
         self.source = f"synthetic world seed {seed}, {o.clean_n} pairs"
         return render_clean_pairs(cfg, o.clean_n, seed, trainer.tokenizer)

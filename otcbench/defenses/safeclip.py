@@ -171,7 +171,7 @@ class SafeCLIP(Defense):
             raise UserError(
                 f"safeclip: train.epochs={trainer.cfg.epochs} leaves no filtering epoch after "
                 f"unimodal_epochs={self.options.unimodal_epochs} + slow_epochs={self.options.slow_epochs}; "
-                f"use --epochs {self.first_mixed_epoch + 1} or more, or lower --set defense.unimodal_epochs"
+                f"use --epochs {self.first_mixed_epoch + 1} or more, or lower --set defense.options.unimodal_epochs"
             )
         self._seed = trainer.cfg.seed
         self.views = [eda_tokens(trainer, self._seed * 1_000 + k, self.options.eda) for k in (1, 2)]
