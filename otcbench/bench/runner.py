@@ -172,7 +172,8 @@ def _source_stage(recipe: Recipe, out: Path) -> tuple[DataStage, Path]:
     spec = recipe.data
     if spec.synth is not None:
         key = stable_hash({"synth": spec.synth.model_dump(mode="json")})
-        stage = DataStage(key, out / "data" / f"world-{key}", "world", label="world", synth=spec.synth)
+        # absolute: poisoned copies record their source's path, which later steps (cleanclip) follow
+        stage = DataStage(key, (out / "data" / f"world-{key}").resolve(), "world", label="world", synth=spec.synth)
         return stage, stage.path
     path = Path(spec.path or "")
     stage = _dataset_stage(path, recipe, "data.path")
@@ -287,7 +288,7 @@ def plan_recipe(recipe: Recipe, out: str | Path | None = None, *, resume: bool =
             if not a.is_clean:
                 key = stable_hash({"source": source.key, "attacks": resolved_attacks[a.label], "seed": seed})
                 poison = poisons.setdefault(key, DataStage(
-                    key, out / "data" / f"poison-{key}", "poison", label=a.label, seed=seed,
+                    key, (out / "data" / f"poison-{key}").resolve(), "poison", label=a.label, seed=seed,
                     attacks=[(n, o) for n, o in a.attacks.items()],
                 ))
             allowed = a.spec.defenses
@@ -412,8 +413,9 @@ def _build_stages(plan: Plan, pending: list[RunSpec], progress: Any, log: Callab
     src = plan.source
     if need_source and src.kind == "world" and not src.exists():
         task = progress.add_task("world", total=expected_images(src.synth), info=str(src.path))
-        write_world(src.path, src.synth, command=f"otcbench run {plan.recipe.name}",
-                    progress=lambda k: progress.advance(task, k))
+        # the command names `data synth`: the world's provenance, which cleanclip follows to render clean pairs
+        write_world(src.path, src.synth, progress=lambda k: progress.advance(task, k),
+                    command=f"otcbench data synth {src.path} (otcbench run {plan.recipe.name})")
         progress.remove_task(task)
         log(f"wrote the synthetic world to {src.path}")
     todo = [p for p in needed_poison.values() if not p.exists()]
@@ -421,8 +423,10 @@ def _build_stages(plan: Plan, pending: list[RunSpec], progress: Any, log: Callab
         task = progress.add_task("poisoning", total=len(todo), info="")
         for p in todo:
             progress.update(task, info=f"{p.label} (seed {p.seed})")
+            attacks = " ".join(f"--attack {n}" for n, _ in p.attacks)
             poison_dataset(src.path, p.path, p.attacks, seed=p.seed,
-                           command=f"otcbench run {plan.recipe.name}  # {p.label}, seed {p.seed}")
+                           command=f"otcbench poison {src.path} {p.path} {attacks} --seed {p.seed} "
+                           f"(otcbench run {plan.recipe.name}: {p.label})")
             progress.advance(task)
             log(f"poisoned {p.label} (seed {p.seed}) → {p.path}")
         progress.remove_task(task)
