@@ -19,8 +19,10 @@ from typer.testing import CliRunner
 from otcbench.bench.recipe import load_recipe
 from otcbench.bench.runner import execute_plan, plan_recipe, run_state
 from otcbench.cli import app
-from otcbench.config import Options
+from otcbench.config import Options, SynthConfig
+from otcbench.data.format import read_meta
 from otcbench.defenses import DEFENSES, Defense
+from otcbench.defenses.cleanclip import world_config
 from otcbench.errors import UserError
 from otcbench.train.loop import Trainer
 
@@ -66,8 +68,10 @@ def count_fits(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Path]]:
     yield calls
 
 
-def test_grid_outputs_dependencies_and_cache(tmp_path: Path, count_fits: list[Path]) -> None:
-    out = tmp_path / "res"
+def test_grid_outputs_dependencies_and_cache(tmp_path: Path, count_fits: list[Path],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = Path("res")  # relative, as `--out results/x` usually is
     res = run(recipe_file(tmp_path), out, plots=True)
     assert [o.action for o in res.outcomes] == ["trained"] * 4
     assert len(count_fits) == 4
@@ -75,6 +79,12 @@ def test_grid_outputs_dependencies_and_cache(tmp_path: Path, count_fits: list[Pa
     # one world and one poisoned dataset (shared by both defenses)
     assert len(list((out / "data").glob("world-*"))) == 1
     assert len(list((out / "data").glob("poison-*"))) == 1
+    # provenance a defense can follow from the poisoned set to the world it came from (cleanclip renders
+    # clean pairs from it): an absolute source path and a world made by `data synth`
+    poison_dir = next((out / "data").glob("poison-*"))
+    meta = read_meta(poison_dir)
+    assert Path(meta.poison["source"]["path"]).is_absolute()
+    assert world_config(meta, poison_dir) == SynthConfig(**SYNTH)
     df = pd.read_csv(out / "summary.csv")
     assert list(df.columns[:6]) == ["run_id", "attack", "defense", "seed", "status", "seconds"]
     assert list(zip(df["attack"], df["defense"], strict=True)) == [("clean", "none"), ("clean", "ft"),
