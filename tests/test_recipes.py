@@ -211,6 +211,7 @@ def test_schema_errors_are_one_line(tmp_path: Path, change: dict[str, Any], mess
         ({"data": {"path": "missing/world"}}, r"needs the dataset missing/world \(data.path\), which does not"),
         ({"defenses": [{"name": "none", "data": "nowhere"}]}, r"needs the dataset nowhere \(defense none: data\)"),
         ({"requires": {"gpu": True}}, r"needs a GPU .* --set requires.gpu=false"),
+        ({"model": {"init": "nowhere.pt"}}, r"defense none: model.init nowhere.pt does not exist"),
     ],
 )
 def test_plan_errors_come_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: dict[str, Any],

@@ -326,6 +326,9 @@ def plan_recipe(recipe: Recipe, out: str | Path | None = None, *, resume: bool =
                 if parent is not None:
                     model = model.model_copy(update={"init": str((parent.dir / "checkpoints" / "last.pt").resolve())})
                 elif model.init:
+                    if not Path(model.init).is_file():
+                        raise UserError(f"{where}: model.init {model.init} does not exist; pass a checkpoint file "
+                                        "(a run's checkpoints/last.pt)")
                     model = model.model_copy(update={"init": str(Path(model.init).resolve())})
                 job = TrainJob(data=str(train_data.path.resolve()), model=model, train=train,
                                defense={"name": d.spec.name, "options": d.options})
