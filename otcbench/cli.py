@@ -25,7 +25,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Make, import and inspect pair datasets.", no_args_is_help=True)
 list_app = typer.Typer(help="List registered models, defenses, attacks and recipes.", no_args_is_help=True)
-bench_app = typer.Typer(help="Micro-benchmarks (bench ot: batched Sinkhorn vs POT).", no_args_is_help=True)
+bench_app = typer.Typer(help="Micro-benchmarks: bench ot (Sinkhorn vs POT), bench train (throughput per defense).",
+                         no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(list_app, name="list")
 app.add_typer(bench_app, name="bench")
@@ -677,6 +678,60 @@ def bench_ot(
     console.print(ob.render_table(rows))
     for note in notes + ob.table_notes(rows):
         console.print(note, highlight=False)
+
+
+@bench_app.command("train")
+@handle_errors
+def bench_train(
+    defense: Annotated[
+        list[str] | None, typer.Option("--defense", help="Defense to time (repeat; default all).")
+    ] = None,
+    model: Annotated[str, typer.Option("--model", help="open_clip model name.")] = "otc-rn-nano",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch size.")] = 128,
+    steps: Annotated[int, typer.Option("--steps", help="Steps per epoch of the benchmark data.")] = 12,
+    epochs: Annotated[int, typer.Option("--epochs", help="Epochs per defense (data-side steps run per epoch).")] = 2,
+    data: Annotated[Path | None, typer.Option("--data", help="Pair dataset (default: a synthetic world).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
+    amp: Annotated[str, typer.Option("--amp", help="auto (bf16 on CUDA), bf16, fp16 or none.")] = "auto",
+    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads.")] = None,
+    set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
+) -> None:
+    """Training throughput of each defense at one model and batch: step time, images/s, data-side time, epoch ratio.
+
+    Every defense trains through the real trainer in its steady-state regime (e.g. matching from the first
+    epoch); --set NAME.key=value overrides a defense option.
+
+    Examples: otcbench bench train --defense none --defense otcclip --model otc-rn-tiny;
+    otcbench bench train --model RN50 --batch-size 256 --device cuda --json
+    """
+    from otcbench.bench.train_bench import run_train_bench
+    from otcbench.config import parse_override
+    from otcbench.defenses import DEFENSES
+
+    _quiet_datasets()
+    names = defense or sorted(DEFENSES.names())
+    if amp not in ("auto", "bf16", "fp16", "none"):
+        raise UserError(f"--amp {amp!r}: use auto, bf16, fp16 or none")
+    options: dict[str, dict[str, Any]] = {}
+    for item in set_ or []:
+        keys, value = parse_override(item)
+        if len(keys) != 2:
+            raise UserError(f"--set {item!r}: use DEFENSE.option=value, e.g. --set otcclip.alpha=0.5")
+        options.setdefault(keys[0], {})[keys[1]] = value
+    rows = run_train_bench(names, model=model, batch_size=batch_size, steps_per_epoch=steps, epochs=epochs,
+                           data=data, device=device, amp=amp, options=options, threads=threads)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"bench train: {model}, batch {batch_size}, {rows[0]['device']} {rows[0]['amp']}")
+    for col in ("defense", "step ms", "images/s", "data-side s/epoch", "epoch s", "× none (epoch)", "× none (step)"):
+        table.add_column(col, justify="left" if col == "defense" else "right")
+    for r in rows:
+        table.add_row(r["defense"], f"{r['step_ms']:.1f}", f"{r['images_per_s']:.0f}", f"{r['data_side_s']:.2f}",
+                      f"{r['epoch_s']:.2f}", "" if r["epoch_ratio"] is None else f"{r['epoch_ratio']:.2f}",
+                      "" if r["step_ratio"] is None else f"{r['step_ratio']:.2f}")
+    console.print(table)
 
 
 def main() -> None:

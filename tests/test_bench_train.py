@@ -29,3 +29,13 @@ def test_bench_train_rejects_unknown_defense_and_stray_options(tmp_path: Path):
         run_train_bench(["nonee"], workdir=tmp_path)
     with pytest.raises(UserError, match="not benchmarked"):
         run_train_bench(["none"], options={"otcclip": {"alpha": 0.5}}, workdir=tmp_path)
+
+
+def test_bench_train_cli_bad_set_is_one_line():
+    from typer.testing import CliRunner
+
+    from otcbench.cli import app
+
+    res = CliRunner().invoke(app, ["bench", "train", "--defense", "none", "--set", "alpha=1"])
+    assert res.exit_code == 2
+    assert "use DEFENSE.option=value" in res.output and "Traceback" not in res.output
