@@ -327,10 +327,6 @@ def run_import(
         if rows == 0:
             reasons = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in skips.counts.most_common(3))
             raise UserError(f"no usable rows in {importer.src} ({processed} records read; skipped: {reasons or '-'})")
-        if importer.kind == "eval" and opts.image_size is None and len(sizes) > 1:
-            few = ", ".join(f"{w}x{h}" for (w, h), _ in sizes.most_common(3))
-            raise UserError(f"the images of {importer.src} have {len(sizes)} different sizes (e.g. {few}); an eval "
-                            "set needs one size: pass --image-size PX")
         counts: dict[str, int] = {"records": n_records, "rows": rows, "skipped": n_skipped}
         counts.update({f"skipped_{r}": n for r, n in sorted(skips.counts.items())})
         if storage != "bytes":
@@ -410,6 +406,7 @@ def _process(
     cache: OrderedDict[tuple[str, Any], Loaded] = OrderedDict()  # several captions of one image: read once
     want_bytes = storage == "bytes"
     rows = processed = late_skips = 0
+    one_size = importer.kind == "eval" and opts.image_size is None
     mapper, pool = _pool_map(opts.workers)
     rep.start("importing images", total)
     try:
@@ -432,6 +429,10 @@ def _process(
                     continue
                 if res.size is not None:
                     sizes[res.size] += 1
+                    if one_size and len(sizes) > 1:  # an eval set needs one size: say so at the first misfit
+                        a, b = list(sizes)[:2]
+                        raise UserError(f"the images of {importer.src} differ in size ({a[0]}x{a[1]}, {b[0]}x{b[1]}: "
+                                        f"{rec.image.key}); an eval set needs one size: pass --image-size PX")
                 split = rec.split or "pairs"
                 if split not in writers:
                     writers[split] = _writer(staging / f"{split}.arrow")
