@@ -528,6 +528,7 @@ def run_cmd(
     set_: SetOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Results directory (default results/<name>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue interrupted or failed runs.")] = False,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Runs trained at once (worker processes).")] = 1,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and list the grid; run nothing.")] = False,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
@@ -535,13 +536,15 @@ def run_cmd(
     """Run a recipe: the attacks × defenses × seeds grid, cached and resumable; prints the results table.
 
     Examples: otcbench run recipes/quickstart.yaml; otcbench run quickstart --set train.epochs=2 --out
-    results/short; otcbench run quickstart --set defenses.cleanclip.train.lr=1e-5; otcbench run quickstart
-    --resume (after an interruption)
+    results/short; otcbench run quickstart --set defenses.cleanclip.train.epochs=5; otcbench run quickstart
+    --resume (after an interruption); otcbench run quickstart --jobs 2 (two runs at once)
     """
     from otcbench.bench.recipe import load_recipe
     from otcbench.bench.runner import execute_plan, plan_recipe
 
     _quiet_datasets()
+    if jobs < 1:
+        raise UserError(f"--jobs {jobs}: give at least 1")
     rec, path = load_recipe(recipe, set_)
     plan = plan_recipe(rec, out, resume=resume)
     if dry_run:
@@ -552,7 +555,7 @@ def run_cmd(
             table.add_row(r.run_id, r.attack.label, r.defense.label, str(r.seed), r.parent or "", plan.state(r))
         console.print(table)
         return
-    result = execute_plan(plan, show_progress=_progress_enabled(no_progress), console=err_console,
+    result = execute_plan(plan, jobs=jobs, show_progress=_progress_enabled(no_progress), console=err_console,
                           recipe_file=path, plots=not no_plots)
     typer.echo(result.table_md)
     counts = {a: sum(o.action == a for o in result.outcomes) for a in ("trained", "resumed", "cached", "failed")}
@@ -629,6 +632,9 @@ def bench_ot(
     ] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's).")] = None,
     no_pot_batch: Annotated[bool, typer.Option("--no-pot-batch", help="Skip POT's (slow) batch solver.")] = False,
+    pot_block: Annotated[
+        int | None, typer.Option("--pot-block", help="Problems per POT batch call (default: 256 on CPU, its best).")
+    ] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Tiny grid (seconds), for smoke tests.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
@@ -659,7 +665,7 @@ def bench_ot(
     devices, notes = ob.resolve_devices(device)
     given = dict(iters=iters, repeats=repeats, loop_pairs=loop_pairs)
     opts: dict[str, Any] = {k: v if v is not None else base.get(k, ob.DEFAULTS[k]) for k, v in given.items()}
-    opts.update(eps=eps, pot_batch=not no_pot_batch)
+    opts.update(eps=eps, pot_batch=not no_pot_batch, pot_block=pot_block)
     total = len(ob.plan_cases(size_list, batch_list, dim_list, devices))
     with Progress(disable=not _progress_enabled(no_progress), console=err_console, transient=True) as progress:
         task = progress.add_task("bench ot", total=total)

@@ -19,7 +19,8 @@ FIELDS = {
     "pot_version", "path", "ours_s", "ours_pairs_per_s", "ours_e2e_s", "ours_e2e_pairs_per_s", "pot_batch_s",
     "pot_batch_pairs_per_s", "pot_loop_pairs", "pot_loop_s_per_pair", "pot_loop_pairs_per_s",
     "pot_loop_extrapolated", "speedup_vs_batch", "speedup_vs_loop", "max_abs_diff_batch", "max_abs_diff_loop",
-    "max_abs_diff_e2e", "max_abs_diff",
+    "max_abs_diff_e2e", "max_abs_diff", "load_avg_1min", "ours_cpu_s", "ours_e2e_cpu_s", "pot_batch_cpu_s",
+    "pot_loop_cpu_s_per_pair", "pot_block",
 }
 
 
@@ -41,6 +42,7 @@ def test_quick_json_run() -> None:
         assert r["ours_pairs_per_s"] == pytest.approx(r["batch"] / r["ours_s"])
         assert r["speedup_vs_batch"] == pytest.approx(r["pot_batch_s"] / r["ours_s"])
         assert r["speedup_vs_loop"] == pytest.approx(r["pot_loop_s_per_pair"] * r["batch"] / r["ours_s"])
+        assert r["pot_block"] == ot_bench.POT_BLOCK_CPU and r["ours_cpu_s"] > 0 and r["pot_batch_cpu_s"] > 0
 
 
 def test_table_output_and_custom_grid() -> None:
@@ -58,6 +60,11 @@ def test_library_rows_without_pot_batch() -> None:
     assert row["max_abs_diff"] < 1e-5
 
 
+def test_pot_in_blocks_matches() -> None:
+    (row,) = ot_bench.run_ot_bench([(4, 6)], [12], [8], iters=10, repeats=1, loop_pairs=2, pot_block=5)
+    assert row["pot_block"] == 5 and row["max_abs_diff_batch"] < 1e-5
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
@@ -67,6 +74,7 @@ def test_library_rows_without_pot_batch() -> None:
         (["--device", "tpu"], "--device must be"),
         (["--iters", "0", "--quick"], "at least 1"),
         (["--threads", "0"], "--threads"),
+        (["--pot-block", "0", "--quick"], "--pot-block"),
     ],
 )
 def test_bad_input_one_line_error(args: list[str], fragment: str) -> None:
