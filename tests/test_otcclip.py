@@ -153,10 +153,16 @@ def test_rank_candidates_mixes_global_and_ot() -> None:
 # matching on hand-built features
 
 
-def test_swapped_captions_are_reassigned_and_own_captions_kept(use_world: Callable[[FakeWorld], None]) -> None:
+CACHE = pytest.mark.parametrize("cache_mb", [1024, 0], ids=["token-cache", "re-encode"])
+
+
+@CACHE
+def test_swapped_captions_are_reassigned_and_own_captions_kept(
+    use_world: Callable[[FakeWorld], None], cache_mb: int
+) -> None:
     world, data = identity_world()
     use_world(world)
-    res = defense(top_k=3).data_step(Ctx(data), None)
+    res = defense(top_k=3, token_cache_mb=cache_mb).data_step(Ctx(data), None)
     keys = data.tokens[:, 1]
     image_class = torch.tensor([0, 1, 2, 0, 1, 2])
     assert torch.equal(keys[res.caption_index], image_class)  # every image ends with a caption of its class
@@ -168,6 +174,7 @@ def test_swapped_captions_are_reassigned_and_own_captions_kept(use_world: Callab
     assert torch.allclose(res.scores["match"], torch.tensor([0.0, 0.0, 1, 1, 1, 1]), atol=1e-5)
     s = res.summary
     assert (s["repaired_n"], s["poison_repaired"], s["clean_repaired"], s["image_tokens"]) == (2, 1.0, 0.0, 4)
+    assert s["token_cache"] is (cache_mb > 0)
     assert s["detect_auroc_ot"] == 1.0 and s["detect_auroc_global"] == 1.0
 
 
@@ -183,11 +190,14 @@ def ot_vs_global_world() -> tuple[FakeWorld, TrainData]:
     return w, train_data([0, 1, 2], [10, 11, 12])
 
 
-def test_ot_reranking_changes_the_choice_when_tokens_disagree(use_world: Callable[[FakeWorld], None]) -> None:
+@CACHE
+def test_ot_reranking_changes_the_choice_when_tokens_disagree(
+    use_world: Callable[[FakeWorld], None], cache_mb: int
+) -> None:
     world, data = ot_vs_global_world()
     use_world(world)
-    by_ot = defense(top_k=2, alpha=0.5).data_step(Ctx(data), None)
-    by_global = defense(top_k=2, score="global").data_step(Ctx(data), None)
+    by_ot = defense(top_k=2, alpha=0.5, token_cache_mb=cache_mb).data_step(Ctx(data), None)
+    by_global = defense(top_k=2, score="global", token_cache_mb=cache_mb).data_step(Ctx(data), None)
     assert by_ot.caption_index[0] == 2  # Y: 0.5·0.58 + 0.5·1 = 0.79 beats X: 0.5·1 + 0.5·0 = 0.5
     assert by_global.caption_index[0] == 1  # X: cosine 1
     assert defense(top_k=2, alpha=1.0).data_step(Ctx(data), None).caption_index[0] == 1
@@ -203,15 +213,15 @@ def test_top_k_limits_the_candidates(use_world: Callable[[FakeWorld], None]) -> 
     assert defense(top_k=1).data_step(Ctx(data), None).caption_index[0] == 1
 
 
-def test_shards_concatenate_to_the_full_result(use_world: Callable[[FakeWorld], None]) -> None:
-    world, data = identity_world()
+@CACHE
+def test_shards_concatenate_to_the_full_result(use_world: Callable[[FakeWorld], None], cache_mb: int) -> None:
+    world, data = random_world(1)
     use_world(world)
-    d = defense(top_k=3, match_chunk=2)
+    d = defense(top_k=3, match_chunk=2, token_cache_mb=cache_mb)
     ctx = Ctx(data)
-    pool = torch.arange(6)
-    pool_global = d._pool_globals(ctx, pool)
-    full = d.score_rows(ctx, 0, 6, pool, pool_global)
-    parts = [d.score_rows(ctx, lo, hi, pool, pool_global) for lo, hi in ((0, 1), (1, 4), (4, 6))]
+    pool = d.pool_features(ctx, torch.arange(13))
+    full = d.score_rows(ctx, 0, 13, pool)
+    parts = [d.score_rows(ctx, lo, hi, pool) for lo, hi in ((0, 1), (1, 9), (9, 13))]
     assert torch.equal(torch.cat([p[0] for p in parts]), full[0])
     assert torch.allclose(torch.cat([p[1] for p in parts]), full[1])
 
@@ -224,6 +234,18 @@ def random_world(seed: int, n: int = 13) -> tuple[FakeWorld, TrainData]:
         w.image(i, torch.randn(D, generator=g), list(torch.randn(3, D, generator=g)))
         w.caption(100 + i, torch.randn(D, generator=g), list(torch.randn(2, D, generator=g)))
     return w, train_data(list(range(n)), [100 + i for i in range(n)])
+
+
+def test_token_cache_and_reencoding_agree(use_world: Callable[[FakeWorld], None]) -> None:
+    world, data = random_world(2, n=17)
+    use_world(world)
+    for pool_size in (None, 5):  # a FIFO pool: most own captions are encoded on the side
+        a = defense(top_k=4, match_chunk=5, pool_size=pool_size).data_step(Ctx(data), None)
+        b = defense(top_k=4, match_chunk=5, pool_size=pool_size, token_cache_mb=0).data_step(Ctx(data), None)
+        assert a.summary["token_cache"] and not b.summary["token_cache"]
+        assert torch.equal(a.caption_index, b.caption_index) and a.flagged.any()
+        for k in a.scores:
+            assert torch.allclose(a.scores[k], b.scores[k], atol=1e-6)
 
 
 def _matching_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
@@ -268,11 +290,13 @@ def test_matching_sharded_over_two_processes_equals_one_process(
             assert torch.allclose(got[k], v, atol=1e-6)
 
 
-def test_fifo_pool_limits_the_candidates(use_world: Callable[[FakeWorld], None]) -> None:
+@CACHE
+def test_fifo_pool_limits_the_candidates(use_world: Callable[[FakeWorld], None], cache_mb: int) -> None:
     world, data = identity_world()
     use_world(world)
-    # standalone: the pool is what a FIFO holds after one pass, the last 2 rows (captions 1 and 2)
-    res = defense(top_k=3, pool_size=2).data_step(Ctx(data), None)
+    # standalone: the pool is what a FIFO holds after one pass, the last 2 rows (captions 1 and 2); the own
+    # captions of rows 0-3 are not in it and are encoded on the side
+    res = defense(top_k=3, pool_size=2, token_cache_mb=cache_mb).data_step(Ctx(data), None)
     # row 0 (class 0) finds no caption of class 0 in the pool and keeps its own; row 1 gets row 4's caption 1
     assert res.caption_index.tolist() == [0, 4, 2, 3, 4, 5]
     assert res.summary["pool"] == 2

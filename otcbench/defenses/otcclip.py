@@ -65,6 +65,10 @@ class OTCCLIPOptions(Options):
         0.0, ge=0, description="re-pair only when the best candidate beats the own caption by more than this"
     )
     match_chunk: int = Field(256, ge=1, description="images scored per chunk (memory: chunk·(top_k+1) OT problems)")
+    token_cache_mb: int = Field(
+        1024, ge=0, description="keep the pool captions' token features from the pool pass when they fit in this "
+        "many MB (no re-encoding of candidates); larger pools re-encode each chunk's candidates"
+    )
     # ---- optimal transport ---------------------------------------------------------------------
     eps: float = Field(0.05, gt=0, description="entropic regularisation of Sinkhorn (cost 1 - cos is in [0, 2])")
     sinkhorn_iters: int = Field(50, ge=1, description="Sinkhorn iterations (upper bound when sinkhorn_tol is set)")
@@ -139,6 +143,19 @@ def rank_candidates(
     best = s.argmax(dim=1)
     gain = s.gather(1, best[:, None]).squeeze(1) - s[:, 0]
     return torch.where(gain > margin, best, torch.zeros_like(best)), s
+
+
+class PoolFeatures:
+    """The caption pool of one matching: rows [P], normalised globals [P, D], optional token cache."""
+
+    def __init__(self, rows: torch.Tensor, globals_: torch.Tensor, tokens: torch.Tensor | None = None,
+                 mask: torch.Tensor | None = None, n_rows: int = 0) -> None:
+        self.rows, self.globals, self.tokens, self.mask = rows, globals_, tokens, mask
+        self.position = None
+        if tokens is not None:
+            # caption row -> index in the pool (-1 when a FIFO pool does not hold it)
+            self.position = torch.full((n_rows,), -1, dtype=torch.long, device=rows.device)
+            self.position[rows] = torch.arange(rows.numel(), device=rows.device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,16 +266,17 @@ class OTCCLIP(Defense):
         """
         n = len(ctx.data)
         pool = self._pool_rows(ctx, epoch)
-        pool_global = self._pool_globals(ctx, pool)
+        feats = self.pool_features(ctx, pool)
         # under torchrun every rank scores its own rows; the gathered result is identical on all ranks
         lo, hi = distributed.shard(n)
-        assigned, own = self.score_rows(ctx, lo, hi, pool, pool_global)
+        assigned, own = self.score_rows(ctx, lo, hi, feats)
         assigned = distributed.all_gather_rows(assigned).cpu()
         own = distributed.all_gather_rows(own).cpu()
         flagged = assigned != torch.arange(n)
         scores = {"match": own[:, 0], "ot": own[:, 1], "global": own[:, 2]}
         summary: dict[str, Any] = {"repaired": float(flagged.float().mean()), "repaired_n": int(flagged.sum()),
-                                   "pool": int(pool.numel()), "image_tokens": int(own[0, 3]) if n else 0}
+                                   "pool": int(pool.numel()), "token_cache": feats.tokens is not None,
+                                   "image_tokens": int(own[0, 3]) if n else 0}
         poison = [bool(p) for p in ctx.data.poison]
         if any(poison):
             from otcbench.eval.detection import detection_metrics
@@ -288,37 +306,76 @@ class OTCCLIP(Defense):
         used = order[: max(1, n // bs) * bs]
         return used[-size:].sort().values
 
-    def _pool_globals(self, ctx: DataContext, pool: torch.Tensor) -> torch.Tensor:
-        """L2-normalised global features [P, D] of the pool captions (sharded over ranks, then gathered)."""
+    def pool_features(self, ctx: DataContext, pool: torch.Tensor) -> PoolFeatures:
+        """One text pass over the pool (sharded over ranks, then gathered): L2-normalised globals [P, D], and
+        the token features [P, L, D] with masks when they fit in ``token_cache_mb``."""
         lo, hi = distributed.shard(pool.numel())
         model = ctx.model
-        # an empty shard (fewer pool rows than ranks) still needs [0, D] for the gather: encode one caption
+        # an empty shard (fewer pool rows than ranks) still needs [0, ...] tensors for the gather: encode one
         mine = pool[lo:hi] if hi > lo else pool[:1]
-        parts = []
+        g_parts, w_parts, m_parts = [], [], []
+        cache: bool | None = None
         with _eval_mode(model), torch.no_grad():
             for chunk in mine.split(max(1, ctx.embed_batch_size)):
                 with ctx.autocast():
-                    g, _, _ = _text_features(model, ctx.data.tokens[chunk].to(ctx.device, non_blocking=True))
-                parts.append(F.normalize(g.float(), dim=-1))
-        feats = torch.cat(parts)
-        return distributed.all_gather_rows(feats if hi > lo else feats[:0])
+                    g, w, m = _text_features(model, ctx.data.tokens[chunk].to(ctx.device, non_blocking=True))
+                if cache is None:  # same decision on every rank: it depends on the global pool size only
+                    cache = pool.numel() * w.shape[1] * w.shape[2] * 4 <= self.options.token_cache_mb * 2**20
+                g_parts.append(F.normalize(g.float(), dim=-1))
+                if cache:
+                    w_parts.append(w.float())
+                    m_parts.append(self._text_mask(m))
+        cut = slice(None) if hi > lo else slice(0, 0)
+        glob = distributed.all_gather_rows(torch.cat(g_parts)[cut])
+        if not cache:
+            return PoolFeatures(pool.to(ctx.device), glob)
+        tokens = distributed.all_gather_rows(torch.cat(w_parts)[cut])
+        mask = distributed.all_gather_rows(torch.cat(m_parts)[cut].to(torch.uint8)).bool()  # gloo gathers no bool
+        return PoolFeatures(pool.to(ctx.device), glob, tokens, mask, n_rows=len(ctx.data))
+
+    def _candidate_features(
+        self, ctx: DataContext, chunk: torch.Tensor, top: torch.Tensor | None, pool: PoolFeatures
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Caption rows [c, K] (column 0: the own caption, then the top-k pool entries) with their normalised
+        globals [c, K, D], token features [c, K, L, D] and masks [c, K, L]."""
+        device = ctx.device
+        own = chunk.to(device)[:, None]
+        cand = own if top is None else torch.cat([own, pool.rows[top]], dim=1)
+        if pool.tokens is None:
+            # re-encode the chunk's distinct candidates: one text forward
+            uniq, inv = torch.unique(cand, return_inverse=True)
+            with ctx.autocast():
+                g, w, m = _text_features(ctx.model, ctx.data.tokens[uniq.cpu()].to(device, non_blocking=True))
+            return cand, F.normalize(g.float(), dim=-1)[inv], w.float()[inv], self._text_mask(m)[inv]
+        pos = pool.position[chunk.to(device)]  # own caption's pool index (-1: not in a FIFO pool)
+        missing = pos < 0
+        at = pos.clamp_min(0)
+        g_own, w_own, m_own = pool.globals[at], pool.tokens[at], pool.mask[at]
+        if missing.any():
+            rows = chunk[missing.cpu()]
+            with ctx.autocast():
+                g, w, m = _text_features(ctx.model, ctx.data.tokens[rows].to(device, non_blocking=True))
+            g_own[missing], w_own[missing] = F.normalize(g.float(), dim=-1), w.float()
+            m_own[missing] = self._text_mask(m)
+        if top is None:
+            return cand, g_own[:, None], w_own[:, None], m_own[:, None]
+        return (cand, torch.cat([g_own[:, None], pool.globals[top]], 1),
+                torch.cat([w_own[:, None], pool.tokens[top]], 1), torch.cat([m_own[:, None], pool.mask[top]], 1))
 
     @torch.no_grad()
-    def score_rows(
-        self, ctx: DataContext, lo: int, hi: int, pool: torch.Tensor, pool_global: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_rows(self, ctx: DataContext, lo: int, hi: int, pool: PoolFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         """Match image rows [lo, hi): returns (assigned caption row [h], own-pair stats [h, 4]).
 
         The stats columns are the own pair's matching score, 1 − d_OT, cosine, and the number of image
-        tokens. Batched per chunk: one image-tower forward, top-k by a matrix product with the pool, one
-        text-tower forward over the chunk's distinct candidates, one batched OT call.
+        tokens. Batched per chunk: one image-tower forward, top-k by a matrix product with the pool, the
+        candidates' features from the pool cache (or one text forward over the chunk's distinct candidates),
+        one batched OT call.
         """
         o = self.options
         model = ctx.model
         device = ctx.device
         rows = torch.arange(lo, hi)
-        k = min(o.top_k, pool.numel())
-        pool_dev = pool.to(device)
+        k = min(o.top_k, pool.rows.numel())
         out_rows, out_stats = [], []
         chunks = rows.split(o.match_chunk)
         with _eval_mode(model), _chunk_progress(_progress_on(ctx), len(chunks), "otcclip matching") as advance:
@@ -328,33 +385,23 @@ class OTCCLIP(Defense):
                     g_img, v = _image_features(model, ctx.data.images[chunk].to(device, non_blocking=True))
                 g_img = F.normalize(g_img.float(), dim=-1)
                 v = v.float()
-                own = chunk.to(device)[:, None]
-                if k:
-                    top = (g_img @ pool_global.t()).topk(k, dim=1).indices
-                    cand = torch.cat([own, pool_dev[top]], dim=1)  # [c, 1 + k], column 0: own caption
-                else:
-                    cand = own
-                uniq, inv = torch.unique(cand, return_inverse=True)
-                with ctx.autocast():
-                    g_txt, w, w_mask = _text_features(model, ctx.data.tokens[uniq.cpu()].to(device, non_blocking=True))
-                g_txt = F.normalize(g_txt.float(), dim=-1)
-                w = w.float()
-                w_mask = self._text_mask(w_mask)
-                cos = (g_img[:, None, :] * g_txt[inv]).sum(-1)  # [c, K]
+                top = (g_img @ pool.globals.t()).topk(k, dim=1).indices if k else None
+                cand, g_txt, w, w_mask = self._candidate_features(ctx, chunk, top, pool)
+                cos = (g_img[:, None, :] * g_txt).sum(-1)  # [c, K]
                 # the own pair's OT score is always computed (detection reports it); all candidates' only
                 # when OT decides the matching
                 cols = cand.shape[1] if o.score == "ot" else 1
-                idx = inv[:, :cols].reshape(-1)
                 vv = v[:, None].expand(c, cols, *v.shape[1:]).reshape(c * cols, *v.shape[1:])
                 gg = g_img[:, None].expand(c, cols, -1).reshape(c * cols, -1)
                 v_mask = torch.ones(vv.shape[:2], dtype=torch.bool, device=device)
-                d = self.ot_distance(vv, w[idx], v_mask, w_mask[idx], gg, g_txt[idx]).float().view(c, cols)
+                d = self.ot_distance(vv, w[:, :cols].flatten(0, 1), v_mask, w_mask[:, :cols].flatten(0, 1), gg,
+                                     g_txt[:, :cols].flatten(0, 1)).float().view(c, cols)
                 ot_sim = 1.0 - d
                 choice, s = rank_candidates(cos, ot_sim if o.score == "ot" else None, o.alpha, o.margin)
                 best = cand.gather(1, choice[:, None]).squeeze(1)
                 # a different row with the very same caption text is not a replacement
                 same_text = (ctx.data.tokens[best.cpu()] == ctx.data.tokens[chunk]).all(dim=1).to(device)
-                best = torch.where(same_text, own[:, 0], best)
+                best = torch.where(same_text, cand[:, 0], best)
                 stats = torch.stack([s[:, 0], ot_sim[:, 0], cos[:, 0],
                                      torch.full_like(cos[:, 0], float(v.shape[1]))], dim=1)
                 out_rows.append(best)
