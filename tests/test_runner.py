@@ -255,3 +255,21 @@ def test_list_recipes_shows_the_shipped_ones() -> None:
     assert r.exit_code == 0, r.output
     for name in ("quickstart", "synthetic-full", "otcclip-ablations", "cc3m-rn50"):
         assert name in r.output
+
+
+def test_parallel_jobs_give_the_same_results_in_dependency_order(tmp_path: Path) -> None:
+    path = recipe_file(tmp_path, attacks=["none"], defenses=[
+        "none", {"name": "none", "label": "ft", "init_from": "none", "train": {"lr": 1e-4}},
+        {"name": "none", "label": "slow", "train": {"lr": 1e-3}}])
+    serial = run(path, tmp_path / "serial")
+    parallel = run(path, tmp_path / "parallel", jobs=2)
+    assert [o.action for o in parallel.outcomes] == ["trained"] * 3
+    a, b = (pd.read_csv(tmp_path / d / "summary.csv") for d in ("serial", "parallel"))
+    assert a["run_id"].tolist() == b["run_id"].tolist()
+    assert a["zeroshot_top1"].tolist() == b["zeroshot_top1"].tolist()  # same threads (1): same numbers
+    # the fine-tune started only after its parent finished
+    ft, parent = (json.loads((tmp_path / "parallel" / "runs" / i / "run.json").read_text()) for i in b["run_id"][1::-1])
+    assert ft["parent"] == parent["run_id"] and ft["attempts"][0]["started"] >= parent["attempts"][0]["finished"]
+    assert serial.table_md == parallel.table_md
+    with pytest.raises(UserError, match="--jobs 0"):
+        execute_plan(plan_recipe(load_recipe(path)[0], tmp_path / "x"), jobs=0)

@@ -22,6 +22,7 @@ checked before any data is generated or model trained.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import time
@@ -440,7 +441,7 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {msg}" if not isinstance(err, UserError) else msg
 
 
-def _execute_run(run: RunSpec, plan: Plan, show_progress: bool,
+def _execute_run(run: RunSpec, recipe_name: str, eval_data: Path, keep_checkpoints: str, show_progress: bool,
                  on_step: Callable[[Any], None] | None) -> tuple[str, float]:
     """Train (or resume) and evaluate one run; returns (action, seconds of this attempt)."""
     from otcbench.eval.run import evaluate
@@ -451,7 +452,7 @@ def _execute_run(run: RunSpec, plan: Plan, show_progress: bool,
     info = read_run_info(run.dir)
     attempts = list(info.get("attempts", []))
     base = {
-        "run_id": run.run_id, "recipe": plan.recipe.name, "attack": run.attack.label,
+        "run_id": run.run_id, "recipe": recipe_name, "attack": run.attack.label,
         "defense": run.defense.label, "defense_name": run.defense.spec.name, "seed": run.seed,
         "parent": run.parent, "resolved": run.resolved,
     }
@@ -465,15 +466,35 @@ def _execute_run(run: RunSpec, plan: Plan, show_progress: bool,
     resumed = resume and trainer.global_step > 0
     trainer.fit()
     del trainer
-    evaluate(run.dir, plan.eval_data, run.eval, poison=run.poison.path if run.poison else None)
-    if plan.recipe.keep_checkpoints == "last":
+    evaluate(run.dir, eval_data, run.eval, poison=run.poison.path if run.poison else None)
+    if keep_checkpoints == "last":
         for f in (run.dir / CHECKPOINT_DIR).glob("epoch_*.pt"):
             f.unlink()
     seconds = time.perf_counter() - t0
     attempt["seconds"] = round(seconds, 2)
+    attempt["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_run_info(run.dir, {**base, "status": "done", "seconds": round(info.get("seconds", 0.0) + seconds, 2),
                              "attempts": [*attempts, attempt]})
     return ("resumed" if resumed else "trained"), seconds
+
+
+def _worker_init() -> None:
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def _run_in_worker(run: RunSpec, recipe_name: str, eval_data: Path, keep_checkpoints: str) -> Outcome:
+    """One run in a worker process (``jobs > 1``): failures are recorded here, as in the main process."""
+    t0 = time.perf_counter()
+    try:
+        action, seconds = _execute_run(run, recipe_name, eval_data, keep_checkpoints, False, None)
+    except Exception as err:
+        seconds = time.perf_counter() - t0
+        _record_failure(run, err, seconds, traceback.format_exc())
+        return Outcome(run, "failed", seconds, _one_line(err))
+    return Outcome(run, action, seconds)
 
 
 def _record_failure(run: RunSpec, err: BaseException, seconds: float, tb: str) -> None:
@@ -492,6 +513,7 @@ def _record_failure(run: RunSpec, err: BaseException, seconds: float, tb: str) -
 def execute_plan(
     plan: Plan,
     *,
+    jobs: int = 1,
     show_progress: bool = True,
     console: Console | None = None,
     recipe_file: Path | None = None,
@@ -500,52 +522,127 @@ def execute_plan(
 ) -> RunResult:
     """Run every run of ``plan`` that is not done; write summary.csv, tables and plots.
 
-    ``on_step`` is passed to each trainer (tests use it to simulate an interruption).
-    A ``KeyboardInterrupt`` leaves the current run resumable and propagates.
+    ``jobs > 1`` trains that many runs at once in worker processes (a run starts once the run it starts
+    from is done); each gets ``train.threads`` or an equal share of the CPU cores, which changes no run id.
+    ``on_step`` is passed to each trainer (tests use it to simulate an interruption; ``jobs=1`` only).
+    A ``KeyboardInterrupt`` leaves the runs in progress resumable and propagates.
     """
     from otcbench.bench.report import write_report
 
+    if jobs < 1:
+        raise UserError(f"--jobs {jobs}: give at least 1")
     console = console or Console(stderr=True)
     _prepare_out(plan, recipe_file)
     states = {r.run_id: plan.state(r) for r in plan.runs}
     pending = [r for r in plan.runs if states[r.run_id] != "done"]
-    outcomes: list[Outcome] = []
-    failed: set[str] = set()
+    outcomes: dict[str, Outcome] = {r.run_id: Outcome(r, "cached") for r in plan.runs if states[r.run_id] == "done"}
+    index = {r.run_id: i for i, r in enumerate(plan.runs, 1)}
 
     def log(msg: str) -> None:
         console.print(msg, highlight=False, markup=False)
+
+    def finish(o: Outcome, progress: Any, grid: Any) -> None:
+        outcomes[o.run.run_id] = o
+        where = f"[{index[o.run.run_id]}/{len(plan.runs)}] {o.run.title}"
+        if o.action == "failed":
+            log(f"{where}: FAILED after {o.seconds:.1f} s: {o.error} (see {o.run.dir / ERROR_FILE})")
+        else:
+            log(f"{where}: {o.action} in {o.seconds:.1f} s")
+        progress.advance(grid)
+        write_report(plan.out, plan=plan, plots=False)  # partial results are always on disk
+
+    def failed_parent(run: RunSpec) -> Outcome | None:
+        """A run whose parent failed is recorded as failed without training."""
+        if run.parent is not None and outcomes.get(run.parent, Outcome(run, "")).action == "failed":
+            err = UserError(f"starts from run {run.parent}, which failed")
+            _record_failure(run, err, 0.0, f"{err}\n")
+            return Outcome(run, "failed", 0.0, str(err))
+        return None
 
     with _grid_progress(show_progress, console) as progress:
         _build_stages(plan, pending, progress, log)
         grid = progress.add_task(plan.recipe.name, total=len(plan.runs), info="",
                                  completed=len(plan.runs) - len(pending))
-        for i, run in enumerate(plan.runs, 1):
-            where = f"[{i}/{len(plan.runs)}] {run.title}"
-            if states[run.run_id] == "done":
-                outcomes.append(Outcome(run, "cached"))
-                continue
-            progress.update(grid, info=run.title)
-            t0 = time.perf_counter()
-            try:
-                if run.parent in failed:
-                    raise UserError(f"starts from run {run.parent}, which failed")
-                action, seconds = _execute_run(run, plan, show_progress, on_step)
-            except KeyboardInterrupt:
-                log(f"{where}: interrupted; run again with --resume to continue from its last checkpoint")
-                write_report(plan.out, plan=plan, plots=False)
-                raise
-            except Exception as err:  # a failed run is recorded and the grid goes on
-                seconds = time.perf_counter() - t0
-                _record_failure(run, err, seconds, traceback.format_exc())
-                failed.add(run.run_id)
-                outcomes.append(Outcome(run, "failed", seconds, _one_line(err)))
-                log(f"{where}: FAILED after {seconds:.1f} s: {_one_line(err)} (see {run.dir / ERROR_FILE})")
+        try:
+            if jobs == 1:
+                for run in pending:
+                    progress.update(grid, info=run.title)
+                    o = failed_parent(run)
+                    if o is None:
+                        t0 = time.perf_counter()
+                        try:
+                            action, seconds = _execute_run(run, plan.recipe.name, plan.eval_data,
+                                                           plan.recipe.keep_checkpoints, show_progress, on_step)
+                            o = Outcome(run, action, seconds)
+                        except KeyboardInterrupt:
+                            raise
+                        except Exception as err:  # a failed run is recorded and the grid goes on
+                            seconds = time.perf_counter() - t0
+                            _record_failure(run, err, seconds, traceback.format_exc())
+                            o = Outcome(run, "failed", seconds, _one_line(err))
+                    finish(o, progress, grid)
             else:
-                outcomes.append(Outcome(run, action, seconds))
-                log(f"{where}: {action} in {seconds:.1f} s")
-            progress.advance(grid)
-            write_report(plan.out, plan=plan, plots=False)  # partial results are always on disk
+                _execute_parallel(plan, pending, jobs, outcomes, failed_parent, lambda o: finish(o, progress, grid),
+                                  lambda text: progress.update(grid, info=text))
+        except KeyboardInterrupt:
+            log("interrupted; run again with --resume to continue the unfinished runs from their last checkpoints")
+            write_report(plan.out, plan=plan, plots=False)
+            raise
         progress.update(grid, info="report")
         table = write_report(plan.out, plan=plan, plots=plots)
-    return RunResult(plan, outcomes, plan.out / "summary.csv", table)
+    ordered = [outcomes[r.run_id] for r in plan.runs]
+    return RunResult(plan, ordered, plan.out / "summary.csv", table)
 
+
+def _execute_parallel(plan: Plan, pending: list[RunSpec], jobs: int, outcomes: dict[str, Outcome],
+                      failed_parent: Callable[[RunSpec], Outcome | None], finish: Callable[[Outcome], None],
+                      status: Callable[[str], None]) -> None:
+    """Run ``pending`` in ``jobs`` worker processes, each run once its parent is done."""
+    import multiprocessing
+    import os
+    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    share = max(1, (os.cpu_count() or 1) // jobs)
+    waiting = list(pending)
+    running: dict[Future, RunSpec] = {}
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init) as pool:
+        try:
+            while waiting or running:
+                for run in list(waiting):
+                    if len(running) >= jobs:
+                        break
+                    if run.parent is not None and run.parent not in outcomes:
+                        continue  # its parent is still pending or training
+                    waiting.remove(run)
+                    o = failed_parent(run)
+                    if o is not None:
+                        finish(o)
+                        continue
+                    if run.job.train.threads is None:
+                        run = copy.copy(run)
+                        run.job = run.job.model_copy(update={"train": run.job.train.model_copy(
+                            update={"threads": share})})
+                    try:
+                        fut = pool.submit(_run_in_worker, run, plan.recipe.name, plan.eval_data,
+                                          plan.recipe.keep_checkpoints)
+                    except BrokenProcessPool:
+                        raise UserError("a worker process died (out of memory?); run again with --resume, "
+                                        "with fewer --jobs") from None
+                    running[fut] = run
+                status(", ".join(r.title for r in running.values()))
+                if not running:
+                    continue
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    run = running.pop(fut)
+                    try:
+                        o = fut.result()
+                    except Exception as err:  # the worker itself died: the run is failed, the grid goes on
+                        _record_failure(run, err, 0.0, traceback.format_exc())
+                        o = Outcome(run, "failed", 0.0, _one_line(err))
+                    finish(o)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
