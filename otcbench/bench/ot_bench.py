@@ -285,14 +285,16 @@ def table_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
         return []
     r = rows[0]
     loops = sorted({x["pot_loop_pairs"] for x in rows})
+    blocks = sorted({x["pot_block"] for x in rows if x["pot_block"] is not None})
     return [
         f"eps {r['eps']}, {r['iters']} iterations for every solver, best of {r['repeats']} runs; "
         f"torch {r['torch_version']} ({r['threads']} CPU threads), POT {r['pot_version']}; load average "
         f"{_load_range(rows)}.",
         "ours = otcbench.ot.transport_cost on the cost matrices (path: "
         f"{', '.join(sorted({x['path'] for x in rows}))}); e2e = otcbench.ot.ot_distance from the features "
-        "(normalise + cost GEMM + solve); POT batch = ot.batch.solve_batch(method='log_sinkhorn') on blocks of "
-        f"{'/'.join(sorted({str(x['pot_block']) for x in rows}))} problems.",
+        "(normalise + cost GEMM + solve); POT batch = "
+        + (f"ot.batch.solve_batch(method='log_sinkhorn') on blocks of {'/'.join(map(str, blocks))} problems."
+           if blocks else "skipped (--no-pot-batch)."),
         f"* POT loop = ot.sinkhorn(method='sinkhorn_log') pair by pair, timed on {'/'.join(map(str, loops))} "
         "pairs per case and extrapolated to the batch; 'vs loop' uses the extrapolated time.",
         "max |Δd| = largest difference between our distances and POT's (batch and loop) and our e2e ones.",
