@@ -75,6 +75,7 @@ def test_pot_in_blocks_matches() -> None:
         (["--iters", "0", "--quick"], "at least 1"),
         (["--threads", "0"], "--threads"),
         (["--pot-block", "0", "--quick"], "--pot-block"),
+        (["--eps", "0", "--quick"], "--eps must be positive"),
     ],
 )
 def test_bad_input_one_line_error(args: list[str], fragment: str) -> None:
@@ -100,3 +101,11 @@ def test_parse_helpers() -> None:
     assert ot_bench.parse_ints("1,2", "--dims") == [1, 2]
     assert len(ot_bench.plan_cases([(2, 3)], None, [8], ["cpu", "cuda"])) == (
         len(ot_bench.DEFAULT_BATCHES_CPU) + len(ot_bench.DEFAULT_BATCHES_CUDA))
+
+
+def test_help() -> None:
+    res = runner.invoke(app, ["bench", "ot", "--help"], env={"COLUMNS": "160"})
+    assert res.exit_code == 0 and "Usage: otcbench bench ot" in res.stdout
+    assert "Examples: otcbench bench ot" in res.stdout
+    res = runner.invoke(app, ["bench", "--help"], env={"COLUMNS": "160"})
+    assert res.exit_code == 0 and " ot " in res.stdout
