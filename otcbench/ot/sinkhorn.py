@@ -231,7 +231,7 @@ def _solve_chunk(C: Tensor, a: Tensor, b: Tensor, rmask: Tensor | None, cmask: T
     """Solve one chunk; returns (plan, distance, f, g, iterations, path) with T = exp(f_i + g_j - C_ij / eps)."""
     c, n, m = C.shape
     pad = _chunk_pad(c, n, m, rmask, cmask)
-    # Per-row range of the real costs (amin + amax: 3x faster than torch.aminmax on CPU, measured).
+    # Per-row range of the real costs (amin + amax: 2.6x faster than torch.aminmax on CPU, measured).
     if pad is None:
         cmin, cmax = C.amin(2), C.amax(2)
     else:
@@ -249,7 +249,7 @@ def _solve_chunk(C: Tensor, a: Tensor, b: Tensor, rmask: Tensor | None, cmask: T
     L = torch.add((cmin / eps)[:, :, None], C, alpha=-1.0 / eps)
     if pad is not None:
         L.masked_fill_(pad, 0.0)
-    Cz = C if pad is None else C.masked_fill(pad, 0.0)
+    Cz = C if pad is None or not want_dist else C.masked_fill(pad, 0.0)  # padded costs may be garbage
     dist = None
     if path == "scaled":
         K = L.exp_()
