@@ -326,15 +326,21 @@ def test_identical_caption_text_is_not_a_replacement(use_world: Callable[[FakeWo
 
 
 def test_pairwise_inter_loss_single_image_token_closed_form() -> None:
-    # with one image token the plan is fixed by the text marginal: d_OT = mean over real tokens of 1 - cos
+    # with one image token the plan is fixed by the text marginal b: d_OT = sum_j b_j (1 - cos(v, w_j))
     g = torch.Generator().manual_seed(0)
     v = torch.randn(3, 1, D, generator=g)
     w = torch.randn(3, 5, D, generator=g)
+    g_txt = torch.randn(3, D, generator=g)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
     cost = 1 - F.cosine_similarity(v.expand(-1, 5, -1), w, dim=-1)
-    expected = ((cost * mask).sum(1) / mask.sum(1)).mean()
-    got = defense().inter_loss(v, v[:, 0], w, mask, w[:, 0])
-    assert got.item() == pytest.approx(expected.item(), abs=1e-5)
+    uniform = mask / mask.sum(1, keepdim=True)
+    got = defense(marginals="uniform").inter_loss(v, v[:, 0], w, mask, g_txt)
+    assert got.item() == pytest.approx((cost * uniform).sum(1).mean().item(), abs=1e-5)
+    # weighted marginals: softmax over real tokens of cos(token, global) / 0.1
+    sim = F.cosine_similarity(w, g_txt[:, None], dim=-1).masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(sim / 0.1, dim=1)
+    got = defense(marginals="weighted").inter_loss(v, v[:, 0], w, mask, g_txt)
+    assert got.item() == pytest.approx((cost * weights).sum(1).mean().item(), abs=1e-5)
 
 
 def test_contrastive_inter_loss_is_infonce_over_negative_ot_distances() -> None:
@@ -345,7 +351,8 @@ def test_contrastive_inter_loss_is_infonce_over_negative_ot_distances() -> None:
     mask[0, 3:] = False
     d = defense(inter_loss="contrastive", inter_tau=0.2)
     dist = torch.stack([
-        d.ot_distance(v[i : i + 1].expand(4, -1, -1), w, torch.ones(4, 3, dtype=torch.bool), mask)
+        d.ot_distance(v[i : i + 1].expand(4, -1, -1), w, torch.ones(4, 3, dtype=torch.bool), mask,
+                      v.mean(1)[i : i + 1].expand(4, -1), w.mean(1))
         for i in range(4)
     ])  # [image, caption], pair by pair
     logits = -dist / 0.2
@@ -371,6 +378,15 @@ def _reference_tokens(trainer: Trainer, batch: Any) -> tuple[torch.Tensor, ...]:
     return g_i, v, g_t, w, m
 
 
+def _ot(x: torch.Tensor, gx: torch.Tensor, y: torch.Tensor, gy: torch.Tensor, ym: torch.Tensor | None = None,
+        xm: torch.Tensor | None = None) -> torch.Tensor:
+    """d_OT with the default options (weighted marginals, eps 0.05, 50 iterations), computed independently."""
+    xm = torch.ones(x.shape[:2], dtype=torch.bool) if xm is None else xm
+    ym = torch.ones(y.shape[:2], dtype=torch.bool) if ym is None else ym
+    return ot.ot_distance(x, y, xm, ym, a=ot.token_weights(x, gx, xm), b=ot.token_weights(y, gy, ym), eps=0.05,
+                          n_iters=50)
+
+
 def test_batch_loss_is_clip_plus_weighted_inter(vit_trainer: Trainer) -> None:
     tr = vit_trainer
     d: oc.OTCCLIP = tr.defense
@@ -378,8 +394,8 @@ def test_batch_loss_is_clip_plus_weighted_inter(vit_trainer: Trainer) -> None:
     loss, extras = d.batch_loss(tr, batch)
     # the fine-grained forward gives the CLIP loss of the plain forward (globals are identical)
     assert extras["loss_clip"] == pytest.approx(tr.clip_batch_loss(batch).item(), abs=1e-5)
-    _, v, _, w, m = _reference_tokens(tr, batch)
-    inter = ot.ot_distance(v, w, torch.ones(v.shape[:2], dtype=torch.bool), m, eps=0.05, n_iters=50).mean()
+    g_i, v, g_t, w, m = _reference_tokens(tr, batch)
+    inter = _ot(v, g_i, w, g_t, m).mean()
     assert extras["loss_inter"] == pytest.approx(inter.item(), abs=1e-5)
     assert loss.item() == pytest.approx(extras["loss_clip"] + 0.3 * extras["loss_inter"], abs=1e-5)
     # gradient reaches both towers through the OT term
@@ -407,16 +423,26 @@ def test_intra_loss_with_identity_views_is_ot_of_a_set_with_itself(
     monkeypatch.setattr(d, "_thesaurus", lambda trainer: None)
     batch = tr.make_batch(torch.arange(8))
     loss, extras = d.batch_loss(tr, batch)
-    _, v, _, w, m = _reference_tokens(tr, batch)
-    ones = torch.ones(4, v.shape[1], dtype=torch.bool)
-    img = ot.ot_distance(v[:4], v[:4], ones, ones, eps=0.05, n_iters=50).mean()
-    txt = ot.ot_distance(w[:4], w[:4], m[:4], m[:4], eps=0.05, n_iters=50).mean()
+    g_i, v, g_t, w, m = _reference_tokens(tr, batch)
+    img = _ot(v[:4], g_i[:4], v[:4], g_i[:4]).mean()
+    txt = _ot(w[:4], g_t[:4], w[:4], g_t[:4], m[:4], m[:4]).mean()
     assert extras["loss_intra"] == pytest.approx(((img + txt) / 2).item(), abs=1e-5)
     assert loss.item() == pytest.approx(extras["loss_clip"] + 0.5 * extras["loss_intra"], abs=1e-5)
     d_img = defense(inter_weight=0, intra_weight=0.5, intra_fraction=0.5, intra_modalities="image")
     _, ex = d_img.batch_loss(tr, batch)
     assert ex["loss_intra"] == pytest.approx(img.item(), abs=1e-5)
-
+    # a view encoded with gradient gives the same value; the fixed-target default has no backward for it
+    d_grad = defense(inter_weight=0, intra_weight=0.5, intra_fraction=0.5, intra_modalities="image",
+                     intra_view_grad=True)
+    loss_g, ex_g = d_grad.batch_loss(tr, batch)
+    assert ex_g["loss_intra"] == pytest.approx(ex["loss_intra"], abs=1e-6)
+    loss_sg, _ = d_img.batch_loss(tr, batch)
+    grads = []
+    for lo in (loss_g, loss_sg):
+        tr.model.zero_grad()
+        lo.backward()
+        grads.append(tr.model.visual.conv1.weight.grad.clone())
+    assert not torch.allclose(grads[0], grads[1])  # the second view's gradient is there only with grad
 
 def test_intra_loss_with_real_augmentations_is_seeded(vit_trainer: Trainer) -> None:
     tr = vit_trainer
@@ -522,6 +548,7 @@ def test_options_are_validated() -> None:
     with pytest.raises(UserError, match="alpha"):
         DEFENSES.options("otcclip", {"alpha": 1.5})
     o = DEFENSES.options("otcclip", {})
-    assert (o.top_k, o.alpha, o.score, o.inter_loss, o.eps) == (5, 0.5, "ot", "pairwise", 0.05)
-    assert math.isclose(o.intra_fraction, 0.25)
+    assert (o.top_k, o.alpha, o.score, o.inter_loss, o.eps, o.marginals) == (5, 0.5, "ot", "pairwise", 0.05, "weighted")
+    assert (o.warmup_epochs, o.match_every, o.intra_view_grad) == (1, 2, False)
+    assert math.isclose(o.intra_fraction, 0.125)
 

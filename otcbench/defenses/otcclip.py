@@ -47,9 +47,13 @@ class OTCCLIPOptions(Options):
 
     # ---- matching ------------------------------------------------------------------------------
     warmup_epochs: int = Field(
-        2, ge=0, description="plain epochs before the first matching (the model must know something first)"
+        1, ge=0, description="epochs before the first matching (the model must know something first; later, it "
+        "has fitted the poison too)"
     )
-    match_every: int = Field(1, ge=1, description="re-match captions every N epochs after the warm-up")
+    match_every: int = Field(
+        2, ge=1, description="re-match captions every N epochs after the warm-up (RoCLIP's default 2); the "
+        "assignment persists in between. A matching costs ~0.4 of a plain epoch (docs/otcclip.md)"
+    )
     top_k: int = Field(5, ge=1, description="pool captions per image pre-selected by global cosine")
     alpha: float = Field(
         0.5, ge=0, le=1, description="matching score s = alpha·cos(g_I,g_T) + (1-alpha)·(1 - d_OT(V,W))"
@@ -74,7 +78,9 @@ class OTCCLIPOptions(Options):
     sinkhorn_iters: int = Field(50, ge=1, description="Sinkhorn iterations (upper bound when sinkhorn_tol is set)")
     sinkhorn_tol: float | None = Field(None, gt=0, description="stop early when the marginal error is below this")
     marginals: Literal["uniform", "weighted"] = Field(
-        "uniform", description="token masses: uniform over real tokens, or from token-to-global similarity"
+        "weighted", description="token masses: weighted = softmax of token-to-global similarity (background "
+        "patches and filler words carry little mass; separated poison better in every measurement), or uniform "
+        "over real tokens"
     )
     drop_sot: bool = Field(
         True, description="leave the start-of-text token out of caption token sets: under the causal mask its "
@@ -92,11 +98,16 @@ class OTCCLIPOptions(Options):
         "both", description="image: two views of an image; text: a caption and its EDA variant; both: their mean"
     )
     intra_fraction: float = Field(
-        0.25, gt=0, le=1, description="fraction of each batch that gets the intra-modality loss (extra forwards)"
+        0.125, gt=0, le=1, description="fraction of each batch that gets the intra-modality loss (extra forwards: "
+        "the cost lever, docs/otcclip.md)"
     )
     intra_views: Literal["reuse", "two"] = Field(
         "reuse", description="reuse: the main (un-augmented) forward is view 1, one augmented view is encoded; "
         "two: two fresh augmented views (one more image forward)"
+    )
+    intra_view_grad: bool = Field(
+        False, description="backpropagate through the augmented image view too; false (default, cheaper): it is a "
+        "fixed target encoded without gradient (no backward pass for it), the gradient flows through view 1"
     )
 
 
@@ -479,12 +490,15 @@ class OTCCLIP(Defense):
         if o.intra_modalities in ("both", "image"):
             # augmented on the device with the global RNG, which the trainer reseeds at every step
             raw = trainer.data.images[batch.rows[:s]].to(device, non_blocking=True)
+            grad = torch.enable_grad() if o.intra_view_grad else torch.no_grad()
             if o.intra_views == "reuse":
                 view1, g1 = v[:s], g_img[:s]
-                g2, view2 = encode_image_tokens(model, augment_images(raw))
+                with grad:
+                    g2, view2 = encode_image_tokens(model, augment_images(raw))
             else:
-                g, tok = encode_image_tokens(model, torch.cat([augment_images(raw), augment_images(raw)]))
-                view1, view2, g1, g2 = tok[:s], tok[s:], g[:s], g[s:]
+                g1, view1 = encode_image_tokens(model, augment_images(raw))
+                with grad:
+                    g2, view2 = encode_image_tokens(model, augment_images(raw))
             ones = torch.ones(view1.shape[:2], dtype=torch.bool, device=device)
             ones2 = torch.ones(view2.shape[:2], dtype=torch.bool, device=device)
             parts.append(self.ot_distance(view1, view2, ones, ones2, g1, g2).mean())
