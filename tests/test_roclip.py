@@ -100,6 +100,8 @@ def test_matching_epochs_follow_the_official_one_based_count() -> None:
     assert [e for e in range(6) if d.is_matching_epoch(e)] == [1, 3, 5]
     d3 = RoCLIP(RoCLIPOptions(match_every=3))
     assert [e for e in range(7) if d3.is_matching_epoch(e)] == [2, 5]
+    warm = RoCLIP(RoCLIPOptions(match_every=2, warmup_epochs=4))
+    assert [e for e in range(8) if warm.is_matching_epoch(e)] == [5, 7]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -45,6 +45,11 @@ class RoCLIPOptions(Options):
     match_every: int = Field(
         2, ge=1, description="matching epochs are those whose 1-based number is a multiple of this (official 2)"
     )
+    warmup_epochs: int = Field(
+        0, ge=0,
+        description="plain CLIP epochs before matching may start (official 0: its first matching epoch comes after a "
+        "full epoch of 1M pairs; the quickstart's 82-step epochs need 4)",
+    )
     pool_update: Literal["matching", "always"] = Field(
         "matching", description="when captions enter the pool: only in matching epochs (official) or every epoch"
     )
@@ -79,7 +84,7 @@ class RoCLIP(Defense):
 
     def is_matching_epoch(self, epoch: int) -> bool:
         """Whether 0-based ``epoch`` matches captions (the official code counts epochs from 1)."""
-        return (epoch + 1) % self.options.match_every == 0
+        return epoch >= self.options.warmup_epochs and (epoch + 1) % self.options.match_every == 0
 
     def on_train_start(self, trainer: Any) -> None:
         self._seed = trainer.cfg.seed
