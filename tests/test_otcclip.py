@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import otcbench.ot as ot
+from otcbench import ot
 from otcbench.config import DefenseConfig, SynthConfig, TrainJob
 from otcbench.data.synth import write_world
 from otcbench.defenses import DEFENSES
@@ -28,12 +28,6 @@ from otcbench.errors import UserError
 from otcbench.models import encode_image_tokens, encode_text_tokens
 from otcbench.train.data import TrainData
 from otcbench.train.loop import Trainer, epoch_order
-
-if not hasattr(ot, "ot_distance"):  # TEMPORARY until otcbench/ot/__init__.py lands: its API from the module
-    from otcbench.ot import sinkhorn as _sinkhorn
-
-    for _name in _sinkhorn.__all__:
-        setattr(ot, _name, getattr(_sinkhorn, _name))
 
 D = 8  # feature dimension of the hand-built worlds
 SOT = 7  # the start-of-text token's (constant) embedding direction
