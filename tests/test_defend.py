@@ -68,14 +68,14 @@ def test_pair_scores_and_report_agree(defended: tuple[Path, dict]) -> None:
     out, report = defended
     scores = pd.read_parquet(out / PAIR_SCORES)
     assert list(scores.columns) == ["row", "caption_row", "poison", "flagged", "repaired", "keep",
-                                    "score_match", "score_ot", "score_global"]
+                                    "score_match", "score_ot", "score_global", "score_gap"]
     assert scores["row"].tolist() == list(range(408))
     assert (scores["flagged"] == (scores["caption_row"] != scores["row"])).all()  # otcclip flags re-pairs
     assert scores["keep"].all()
     on_disk = json.loads((out / REPORT).read_text())
     assert on_disk == {k: v for k, v in report.items() if k != "out"}
     assert report["n"] == 408 and report["n_flagged"] == int(scores["flagged"].sum())
-    assert report["scores"] == ["match", "ot", "global"]
+    assert report["scores"] == ["match", "ot", "global", "gap"]
     # the detection metrics are those of the per-pair table
     expected = detection_metrics(torch.tensor(scores["flagged"].to_numpy()),
                                  {k: torch.tensor(scores[f"score_{k}"].to_numpy()) for k in report["scores"]},
@@ -83,7 +83,7 @@ def test_pair_scores_and_report_agree(defended: tuple[Path, dict]) -> None:
     for k, v in expected.items():
         assert report[k] == pytest.approx(v), k
     assert report["detect_n_poison"] == 24
-    for name in ("match", "ot", "global"):
+    for name in ("match", "ot", "global", "gap"):
         assert 0.0 <= report[f"detect_auroc_{name}"] <= 1.0
     assert report["detect_auroc"] == report["detect_auroc_match"]
 

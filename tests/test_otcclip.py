@@ -166,6 +166,8 @@ def test_swapped_captions_are_reassigned_and_own_captions_kept(
     assert res.scores["global"].tolist() == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
     assert torch.allclose(res.scores["ot"], torch.tensor([0.0, 0.0, 1, 1, 1, 1]), atol=1e-5)
     assert torch.allclose(res.scores["match"], torch.tensor([0.0, 0.0, 1, 1, 1, 1]), atol=1e-5)
+    # gap = own score - best candidate's: -1 for the swapped rows, 0 where the own caption is (one of) the best
+    assert torch.allclose(res.scores["gap"], torch.tensor([-1.0, -1.0, 0, 0, 0, 0]), atol=1e-5)
     s = res.summary
     assert (s["repaired_n"], s["poison_repaired"], s["clean_repaired"], s["image_tokens"]) == (2, 1.0, 0.0, 4)
     assert s["token_cache"] is (cache_mb > 0)
@@ -460,6 +462,27 @@ def test_schedule() -> None:
     assert [e for e in range(3) if defense(warmup_epochs=0, match_every=1).due(e)] == [0, 1, 2]
 
 
+@pytest.mark.parametrize("between", ["own", "keep"])
+def test_epochs_between_matchings(use_world: Callable[[FakeWorld], None], between: str) -> None:
+    world, data = identity_world()
+    use_world(world)
+    d = defense(top_k=3, warmup_epochs=1, match_every=2, between=between)
+    logged: list[dict[str, Any]] = []
+    trainer = SimpleNamespace(data=data, model=torch.nn.Linear(1, 1), device=torch.device("cpu"),
+                              caption_index=torch.arange(6), autocast=contextlib.nullcontext, embed_batch_size=4,
+                              global_step=0, log=logged.append)
+    seen = []
+    for epoch in range(4):
+        d.on_epoch_start(trainer, epoch)
+        seen.append(trainer.caption_index.tolist())
+    matched = seen[1]
+    assert matched[:2] != [0, 1] and matched[2:] == [2, 3, 4, 5]  # epoch 1: rows 0 and 1 re-paired
+    assert seen[0] == list(range(6))  # warm-up: own pairs
+    assert seen[2] == (list(range(6)) if between == "own" else matched)  # between the matchings
+    assert seen[3] == matched  # epoch 3: matched again (same features, same result)
+    assert [r["epoch"] for r in logged] == [1, 3]
+
+
 @pytest.fixture(scope="module")
 def poisoned_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 128-pair world with 8 badnet pairs (136 rows)."""
@@ -502,7 +525,8 @@ def test_training_matches_logs_and_resumes_exactly(
     assert len(matches) == 1 and matches[0]["epoch"] == 1 and matches[0]["step"] == 5
     m = matches[0]
     assert 0 <= m["repaired"] <= 1 and m["repaired_n"] == int((ref.caption_index != torch.arange(136)).sum())
-    for key in ("poison_repaired", "clean_repaired", "detect_auroc_ot", "detect_auroc_global", "detect_auroc_match"):
+    for key in ("poison_repaired", "clean_repaired", "detect_auroc_ot", "detect_auroc_global", "detect_auroc_match",
+                "detect_auroc_gap"):
         assert key in m
     steps = [r for r in _log(tmp_path / "ref") if r["type"] == "step"]
     assert all({"loss_clip", "loss_inter", "loss_intra"} <= r.keys() for r in steps)
@@ -543,6 +567,6 @@ def test_options_are_validated() -> None:
         DEFENSES.options("otcclip", {"alpha": 1.5})
     o = DEFENSES.options("otcclip", {})
     assert (o.top_k, o.alpha, o.score, o.inter_loss, o.eps, o.marginals) == (5, 0.5, "ot", "pairwise", 0.05, "weighted")
-    assert (o.warmup_epochs, o.match_every, o.intra_view_grad) == (1, 2, False)
+    assert (o.warmup_epochs, o.match_every, o.intra_view_grad, o.between) == (1, 2, False, "own")
     assert math.isclose(o.intra_fraction, 0.125)
 

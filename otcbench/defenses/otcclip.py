@@ -65,6 +65,11 @@ class OTCCLIPOptions(Options):
         None, ge=1, description="caption pool: None = every caption of the dataset; N = the N most recently "
         "trained captions (the FIFO a streaming trainer holds)"
     )
+    between: Literal["own", "keep"] = Field(
+        "own", description="epochs without a matching train on the dataset's own pairs (RoCLIP's protocol); keep: "
+        "the last assignment persists (the model then trains only on its own matches: clean accuracy collapsed "
+        "to 0.14 zero-shot in our measurement, docs/otcclip.md)"
+    )
     margin: float = Field(
         0.0, ge=0, description="re-pair only when the best candidate beats the own caption by more than this"
     )
@@ -257,8 +262,13 @@ class OTCCLIP(Defense):
             _augmenters(self.options.intra_modalities)
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
-        """Re-match captions when the schedule says so (once per epoch, also across a resume)."""
-        if not self.due(epoch) or self.matched_epoch == epoch:
+        """Re-match captions when the schedule says so (once per epoch, also across a resume); in the other
+        epochs train on the dataset's own pairs (``between=own``) or keep the last assignment."""
+        if not self.due(epoch):
+            if self.options.between == "own":
+                trainer.caption_index = torch.arange(len(trainer.data))
+            return
+        if self.matched_epoch == epoch:  # resumed inside a matched epoch: the checkpoint holds its pairs
             return
         t0 = time.perf_counter()
         result = self.data_step(trainer, epoch)
@@ -284,7 +294,8 @@ class OTCCLIP(Defense):
         assigned = distributed.all_gather_rows(assigned).cpu()
         own = distributed.all_gather_rows(own).cpu()
         flagged = assigned != torch.arange(n)
-        scores = {"match": own[:, 0], "ot": own[:, 1], "global": own[:, 2]}
+        # gap: own caption's score minus the best candidate's (0 when the own caption wins), a relative score
+        scores = {"match": own[:, 0], "ot": own[:, 1], "global": own[:, 2], "gap": own[:, 0] - own[:, 4]}
         summary: dict[str, Any] = {"repaired": float(flagged.float().mean()), "repaired_n": int(flagged.sum()),
                                    "pool": int(pool.numel()), "token_cache": feats.tokens is not None,
                                    "image_tokens": int(own[0, 3]) if n else 0}
@@ -294,7 +305,7 @@ class OTCCLIP(Defense):
 
             m = detection_metrics(flagged, scores, poison)
             summary.update({k: m[k] for k in ("poison_repaired", "clean_repaired", "detect_auroc_match",
-                                              "detect_auroc_ot", "detect_auroc_global")})
+                                              "detect_auroc_ot", "detect_auroc_global", "detect_auroc_gap")})
         return DataStepResult(caption_index=assigned, flagged=flagged, scores=scores, summary=summary)
 
     # ---- matching internals --------------------------------------------------------------------
@@ -375,12 +386,12 @@ class OTCCLIP(Defense):
 
     @torch.no_grad()
     def score_rows(self, ctx: DataContext, lo: int, hi: int, pool: PoolFeatures) -> tuple[torch.Tensor, torch.Tensor]:
-        """Match image rows [lo, hi): returns (assigned caption row [h], own-pair stats [h, 4]).
+        """Match image rows [lo, hi): returns (assigned caption row [h], own-pair stats [h, 5]).
 
-        The stats columns are the own pair's matching score, 1 − d_OT, cosine, and the number of image
-        tokens. Batched per chunk: one image-tower forward, top-k by a matrix product with the pool, the
-        candidates' features from the pool cache (or one text forward over the chunk's distinct candidates),
-        one batched OT call.
+        The stats columns are the own pair's matching score, 1 − d_OT, cosine, the number of image tokens,
+        and the best candidate's matching score. Batched per chunk: one image-tower forward, top-k by a
+        matrix product with the pool, the candidates' features from the pool cache (or one text forward over
+        the chunk's distinct candidates), one batched OT call.
         """
         o = self.options
         model = ctx.model
@@ -414,12 +425,12 @@ class OTCCLIP(Defense):
                 same_text = (ctx.data.tokens[best.cpu()] == ctx.data.tokens[chunk]).all(dim=1).to(device)
                 best = torch.where(same_text, cand[:, 0], best)
                 stats = torch.stack([s[:, 0], ot_sim[:, 0], cos[:, 0],
-                                     torch.full_like(cos[:, 0], float(v.shape[1]))], dim=1)
+                                     torch.full_like(cos[:, 0], float(v.shape[1])), s.max(dim=1).values], dim=1)
                 out_rows.append(best)
                 out_stats.append(stats)
                 advance()
         if not out_rows:
-            return torch.empty(0, dtype=torch.long, device=device), torch.empty(0, 4, device=device)
+            return torch.empty(0, dtype=torch.long, device=device), torch.empty(0, 5, device=device)
         return torch.cat(out_rows), torch.cat(out_stats)
 
     # ---- losses --------------------------------------------------------------------------------
