@@ -68,8 +68,8 @@ class CleanCLIPOptions(Options):
     )
     clean_seed: int | None = Field(None, description="seed of the rendered clean pairs (default: world seed + 1000)")
     lr: float | None = Field(
-        1e-5, gt=0, description="fine-tuning peak learning rate, replaces train.lr (published 1e-5; "
-        "None: train.lr and train.warmup)",
+        1e-5, gt=0, description="fine-tuning peak learning rate, replaces train.lr (published 1e-5 for 15,600 steps; "
+        "the quickstart's 150 steps need 1e-4; None: train.lr and train.warmup)",
     )
     warmup_steps: int = Field(50, ge=0, description="linear warm-up steps before the cosine (published 50)")
     eda: EDAOptions = Field(default_factory=EDAOptions)
