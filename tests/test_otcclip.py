@@ -244,6 +244,31 @@ def test_token_cache_and_reencoding_agree(use_world: Callable[[FakeWorld], None]
             assert torch.allclose(a.scores[k], b.scores[k], atol=1e-6)
 
 
+def test_matching_from_stored_training_features_equals_fresh_matching(use_world: Callable[[FakeWorld], None]) -> None:
+    world, data = random_world(3, n=15)
+    use_world(world)
+    fresh = defense(top_k=4, match_chunk=4).data_step(Ctx(data), 2)
+    # a store filled by "training forwards" of epoch 1 with the same features, rows 2, 7 and 11 not seen
+    g_i, v = world.image_features(None, data.images)
+    g_t, w, m = world.text_features(None, data.tokens)
+    m = m.clone()
+    m[:, 0] = False
+    st = oc.FeatureStore.empty(1, 15, v.shape[1], w.shape[1], D, torch.device("cpu"))
+    seen = torch.ones(15, dtype=torch.bool)
+    seen[[2, 7, 11]] = False
+    st.img_g[seen], st.img_t[seen], st.img_ok[seen] = F.normalize(g_i, dim=-1)[seen], v[seen], True
+    st.txt_g[seen], st.txt_t[seen], st.txt_m[seen], st.txt_ok[seen] = F.normalize(g_t, dim=-1)[seen], w[seen], \
+        m[seen], True
+    d = defense(top_k=4, match_chunk=4)
+    d._store = st
+    stored = d.data_step(Ctx(data), 2)
+    assert stored.summary["train_features"] == pytest.approx(12 / 15)
+    assert torch.equal(stored.caption_index, fresh.caption_index) and fresh.flagged.any()
+    for k in fresh.scores:
+        assert torch.allclose(stored.scores[k], fresh.scores[k], atol=1e-6)
+    assert d.data_step(Ctx(data), 3).summary["train_features"] == 0.0  # a store of another epoch is not used
+
+
 def _matching_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     """One torchrun-like process: join a gloo group, run the matching, save what this rank ended with."""
     torch.set_num_threads(1)
@@ -404,8 +429,28 @@ def test_batch_loss_is_clip_plus_weighted_inter(vit_trainer: Trainer) -> None:
 def test_batch_loss_without_alignment_is_plain_clip(vit_trainer: Trainer) -> None:
     tr = vit_trainer
     batch = tr.make_batch(torch.arange(8))
-    loss, extras = defense(inter_weight=0, intra_weight=0).batch_loss(tr, batch)
+    loss, extras = defense(inter_weight=0, intra_weight=0, match_features="fresh").batch_loss(tr, batch)
     assert extras == {} and loss.item() == pytest.approx(tr.clip_batch_loss(batch).item(), abs=1e-6)
+
+
+def test_epoch_before_a_matching_keeps_the_training_features(vit_trainer: Trainer) -> None:
+    tr = vit_trainer  # epoch 0; with warmup_epochs=1 the matching is at the start of epoch 1
+    d = defense(inter_weight=0, intra_weight=0)
+    batch = tr.make_batch(torch.arange(3, 11))
+    loss, _ = d.batch_loss(tr, batch)
+    assert loss.item() == pytest.approx(tr.clip_batch_loss(batch).item(), abs=1e-5)  # same loss, features kept
+    st = d._store
+    assert st is not None and st.epoch == 0
+    assert st.img_ok.nonzero().flatten().tolist() == list(range(3, 11)) == st.txt_ok.nonzero().flatten().tolist()
+    g_i, v, g_t, w, m = _reference_tokens(tr, batch)
+    assert torch.allclose(st.img_g[3:11], F.normalize(g_i, dim=-1), atol=1e-5)
+    assert torch.allclose(st.img_t[3:11], v, atol=1e-5) and torch.allclose(st.txt_t[3:11], w, atol=1e-5)
+    assert torch.equal(st.txt_m[3:11], m)
+    # the store is checkpointed while it is filled, and restored
+    d2 = defense()
+    d2.load_state_dict(d.state_dict())
+    assert torch.equal(d2._store.img_t, st.img_t) and d2._store.epoch == 0
+    assert "store" not in defense(match_features="fresh").state_dict()
 
 
 def test_intra_loss_with_identity_views_is_ot_of_a_set_with_itself(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -74,6 +75,12 @@ class OTCCLIPOptions(Options):
         0.0, ge=0, description="re-pair only when the best candidate beats the own caption by more than this"
     )
     match_chunk: int = Field(256, ge=1, description="images scored per chunk (memory: chunk·(top_k+1) OT problems)")
+    match_features: Literal["train", "fresh"] = Field(
+        "train", description="train: match with the features the training forward passes of the previous epoch "
+        "computed anyway (no extra pass; up to one epoch stale, like RoCLIP's pool; rows that epoch did not "
+        "encode are encoded fresh); fresh: one no-grad pass over the data at matching time. train needs the "
+        "features to fit in token_cache_mb and one process (torchrun uses fresh)"
+    )
     token_cache_mb: int = Field(
         1024, ge=0, description="keep the pool captions' token features from the pool pass when they fit in this "
         "many MB (no re-encoding of candidates); larger pools re-encode each chunk's candidates"
@@ -111,8 +118,9 @@ class OTCCLIPOptions(Options):
         "two: two fresh augmented views (one more image forward)"
     )
     intra_view_grad: bool = Field(
-        False, description="backpropagate through the augmented image view too; false (default, cheaper): it is a "
-        "fixed target encoded without gradient (no backward pass for it), the gradient flows through view 1"
+        False, description="backpropagate through the augmented image view and the EDA caption too; false "
+        "(default, cheaper): they are fixed targets encoded without gradient (no backward pass for them), the "
+        "gradient flows through the main forward"
     )
 
 
@@ -161,6 +169,39 @@ def rank_candidates(
     return torch.where(gain > margin, best, torch.zeros_like(best)), s
 
 
+@dataclass
+class FeatureStore:
+    """Detached features of every row from one epoch's training forward passes (for the next matching)."""
+
+    epoch: int
+    img_g: torch.Tensor  # [N, D] normalised image globals
+    img_t: torch.Tensor  # [N, n, D] image tokens
+    img_ok: torch.Tensor  # [N] bool: row encoded this epoch
+    txt_g: torch.Tensor  # [N, D] normalised caption globals (by caption row)
+    txt_t: torch.Tensor  # [N, L, D]
+    txt_m: torch.Tensor  # [N, L] bool (start token dropped as configured)
+    txt_ok: torch.Tensor  # [N] bool
+
+    @classmethod
+    def empty(cls, epoch: int, n: int, n_img: int, n_txt: int, d: int, device: torch.device) -> FeatureStore:
+        def z(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        return cls(epoch, z(n, d), z(n, n_img, d), z(n, dtype=torch.bool), z(n, d), z(n, n_txt, d),
+                   z(n, n_txt, dtype=torch.bool), z(n, dtype=torch.bool))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+
+    def to(self, device: torch.device) -> FeatureStore:
+        return FeatureStore(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                               for k, v in self.__dict__.items()})
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> FeatureStore:
+        return cls(**state)
+
+
 class PoolFeatures:
     """The caption pool of one matching: rows [P], normalised globals [P, D], optional token cache."""
 
@@ -189,6 +230,7 @@ class OTCCLIP(Defense):
         super().__init__(options)
         self.matched_epoch = -1  # the last epoch whose matching is reflected in trainer.caption_index
         self._syn: Any = None
+        self._store: FeatureStore | None = None  # training-forward features collected for the next matching
 
     # ---- OT ------------------------------------------------------------------------------------
 
@@ -274,6 +316,7 @@ class OTCCLIP(Defense):
         result = self.data_step(trainer, epoch)
         trainer.caption_index = result.caption_index.cpu()
         self.matched_epoch = epoch
+        self._store = None  # used: free it (and keep it out of the next checkpoints)
         # step = the epoch's first step: a resume from the previous epoch's checkpoint drops this line
         # (matching runs again), a resume from inside this epoch keeps it (matching is not repeated)
         trainer.log({"type": "otcclip_match", "epoch": epoch, "step": trainer.global_step + 1,
@@ -287,10 +330,11 @@ class OTCCLIP(Defense):
         """
         n = len(ctx.data)
         pool = self._pool_rows(ctx, epoch)
-        feats = self.pool_features(ctx, pool)
+        store = self._usable_store(ctx, epoch)
+        feats = self.pool_features(ctx, pool, store)
         # under torchrun every rank scores its own rows; the gathered result is identical on all ranks
         lo, hi = distributed.shard(n)
-        assigned, own = self.score_rows(ctx, lo, hi, feats)
+        assigned, own = self.score_rows(ctx, lo, hi, feats, store)
         assigned = distributed.all_gather_rows(assigned).cpu()
         own = distributed.all_gather_rows(own).cpu()
         flagged = assigned != torch.arange(n)
@@ -298,6 +342,7 @@ class OTCCLIP(Defense):
         scores = {"match": own[:, 0], "ot": own[:, 1], "global": own[:, 2], "gap": own[:, 0] - own[:, 4]}
         summary: dict[str, Any] = {"repaired": float(flagged.float().mean()), "repaired_n": int(flagged.sum()),
                                    "pool": int(pool.numel()), "token_cache": feats.tokens is not None,
+                                   "train_features": float(store.img_ok.float().mean()) if store is not None else 0.0,
                                    "image_tokens": int(own[0, 3]) if n else 0}
         poison = [bool(p) for p in ctx.data.poison]
         if any(poison):
@@ -328,9 +373,21 @@ class OTCCLIP(Defense):
         used = order[: max(1, n // bs) * bs]
         return used[-size:].sort().values
 
-    def pool_features(self, ctx: DataContext, pool: torch.Tensor) -> PoolFeatures:
+    def pool_features(self, ctx: DataContext, pool: torch.Tensor, store: FeatureStore | None = None) -> PoolFeatures:
         """One text pass over the pool (sharded over ranks, then gathered): L2-normalised globals [P, D], and
-        the token features [P, L, D] with masks when they fit in ``token_cache_mb``."""
+        the token features [P, L, D] with masks when they fit in ``token_cache_mb``. With a feature ``store``
+        (one process) only the captions it lacks are encoded."""
+        if store is not None:
+            dev = store.txt_ok.device
+            rows = pool.to(dev)
+            glob, tokens, mask = store.txt_g[rows], store.txt_t[rows], store.txt_m[rows]
+            missing = (~store.txt_ok[rows]).nonzero().flatten()
+            with _eval_mode(ctx.model), torch.no_grad():
+                for part in missing.split(max(1, ctx.embed_batch_size)):
+                    with ctx.autocast():
+                        g, w, m = _text_features(ctx.model, ctx.data.tokens[rows[part].cpu()].to(ctx.device))
+                    glob[part], tokens[part], mask[part] = F.normalize(g.float(), dim=-1), w.float(), self._text_mask(m)
+            return PoolFeatures(rows, glob, tokens, mask, n_rows=len(ctx.data))
         lo, hi = distributed.shard(pool.numel())
         model = ctx.model
         # an empty shard (fewer pool rows than ranks) still needs [0, ...] tensors for the gather: encode one
@@ -384,8 +441,27 @@ class OTCCLIP(Defense):
         return (cand, torch.cat([g_own[:, None], pool.globals[top]], 1),
                 torch.cat([w_own[:, None], pool.tokens[top]], 1), torch.cat([m_own[:, None], pool.mask[top]], 1))
 
+    def _image_chunk(self, ctx: DataContext, chunk: torch.Tensor, store: FeatureStore | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised image globals [c, D] and tokens [c, n, D] of rows ``chunk``: from the store where it has
+        them, else one image-tower forward."""
+        device = ctx.device
+        if store is None:
+            with ctx.autocast():
+                g, v = _image_features(ctx.model, ctx.data.images[chunk].to(device, non_blocking=True))
+            return F.normalize(g.float(), dim=-1), v.float()
+        at = chunk.to(store.img_ok.device)
+        g, v = store.img_g[at], store.img_t[at]
+        missing = (~store.img_ok[at]).cpu()
+        if missing.any():
+            with ctx.autocast():
+                g2, v2 = _image_features(ctx.model, ctx.data.images[chunk[missing]].to(device, non_blocking=True))
+            g[missing.to(g.device)], v[missing.to(g.device)] = F.normalize(g2.float(), dim=-1), v2.float()
+        return g, v
+
     @torch.no_grad()
-    def score_rows(self, ctx: DataContext, lo: int, hi: int, pool: PoolFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_rows(self, ctx: DataContext, lo: int, hi: int, pool: PoolFeatures,
+                   store: FeatureStore | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Match image rows [lo, hi): returns (assigned caption row [h], own-pair stats [h, 5]).
 
         The stats columns are the own pair's matching score, 1 − d_OT, cosine, the number of image tokens,
@@ -403,10 +479,7 @@ class OTCCLIP(Defense):
         with _eval_mode(model), _chunk_progress(_progress_on(ctx), len(chunks), "otcclip matching") as advance:
             for chunk in chunks:
                 c = chunk.numel()
-                with ctx.autocast():
-                    g_img, v = _image_features(model, ctx.data.images[chunk].to(device, non_blocking=True))
-                g_img = F.normalize(g_img.float(), dim=-1)
-                v = v.float()
+                g_img, v = self._image_chunk(ctx, chunk, store)
                 top = (g_img @ pool.globals.t()).topk(k, dim=1).indices if k else None
                 cand, g_txt, w, w_mask = self._candidate_features(ctx, chunk, top, pool)
                 cos = (g_img[:, None, :] * g_txt).sum(-1)  # [c, K]
@@ -433,14 +506,51 @@ class OTCCLIP(Defense):
             return torch.empty(0, dtype=torch.long, device=device), torch.empty(0, 5, device=device)
         return torch.cat(out_rows), torch.cat(out_stats)
 
+    # ---- features from the training forward passes ------------------------------------------------
+
+    def _collecting(self, trainer: Trainer) -> bool:
+        """Whether this epoch's training forwards should be kept for the matching at the next epoch start."""
+        o = self.options
+        return (o.match_features == "train" and self.due(trainer.epoch + 1) and not distributed.current().enabled
+                and trainer.epoch + 1 < trainer.cfg.epochs)
+
+    def _collect(self, trainer: Trainer, batch: Batch, fg: Any) -> None:
+        n = len(trainer.data)
+        if self._store is None or self._store.epoch != trainer.epoch:
+            d = fg.image_global.shape[1]
+            need = n * (fg.image_tokens.shape[1] + fg.text_tokens.shape[1] + 2) * d * 4
+            if need > self.options.token_cache_mb * 2**20:
+                return  # too big to keep: the matching encodes fresh
+            self._store = FeatureStore.empty(trainer.epoch, n, fg.image_tokens.shape[1], fg.text_tokens.shape[1],
+                                             d, trainer.device)
+        st = self._store = self._store.to(trainer.device)  # a no-op unless just loaded from a checkpoint
+        with torch.no_grad():
+            rows, caps = batch.rows.to(st.img_ok.device), batch.caption_rows.to(st.img_ok.device)
+            st.img_g[rows] = F.normalize(fg.image_global.detach().float(), dim=-1)
+            st.img_t[rows] = fg.image_tokens.detach().float()
+            st.img_ok[rows] = True
+            st.txt_g[caps] = F.normalize(fg.text_global.detach().float(), dim=-1)
+            st.txt_t[caps] = fg.text_tokens.detach().float()
+            st.txt_m[caps] = self._text_mask(fg.text_mask)
+            st.txt_ok[caps] = True
+
+    def _usable_store(self, ctx: DataContext, epoch: int | None) -> FeatureStore | None:
+        st = self._store
+        if epoch is None or st is None or st.epoch != epoch - 1 or st.img_ok.numel() != len(ctx.data):
+            return None
+        return st.to(ctx.device)
+
     # ---- losses --------------------------------------------------------------------------------
 
     def batch_loss(self, trainer: Trainer, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """L_CLIP on the matched pairs + λ_inter·L_inter + λ_intra·L_intra, one forward per tower."""
         o = self.options
-        if o.inter_weight == 0 and o.intra_weight == 0:
+        collect = self._collecting(trainer)
+        if o.inter_weight == 0 and o.intra_weight == 0 and not collect:
             return trainer.clip_batch_loss(batch), {}
         fg = encode_fine_grained(trainer.model, batch.images, batch.tokens)
+        if collect:
+            self._collect(trainer, batch, fg)
         img = F.normalize(fg.image_global, dim=-1)
         txt = F.normalize(fg.text_global, dim=-1)
         # over the global batch under torchrun (the identity in one process), as the plain CLIP loss
@@ -517,7 +627,8 @@ class OTCCLIP(Defense):
             seed = int(torch.randint(0, 2**31 - 1, ()))
             captions = [trainer.data.captions[int(r)] for r in batch.caption_rows[:s]]
             variants = trainer.tokenizer(eda_batch(captions, seed, synonyms=self._thesaurus(trainer))).to(device)
-            g2, w2, m2 = encode_text_tokens(model, variants)
+            with torch.enable_grad() if o.intra_view_grad else torch.no_grad():
+                g2, w2, m2 = encode_text_tokens(model, variants)
             parts.append(self.ot_distance(w[:s], w2, w_mask[:s], self._text_mask(m2), g_txt[:s], g2).mean())
         return torch.stack(parts).mean()
 
@@ -533,10 +644,16 @@ class OTCCLIP(Defense):
     # ---- checkpoints ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"matched_epoch": self.matched_epoch}
+        # the feature store is part of the state while it is being filled (a resume must match with the same
+        # features as an uninterrupted run); it is dropped once the matching has used it
+        state: dict[str, Any] = {"matched_epoch": self.matched_epoch}
+        if self._store is not None:
+            state["store"] = self._store.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.matched_epoch = int(state.get("matched_epoch", -1))
+        self._store = FeatureStore.from_state(state["store"]) if "store" in state else None
 
 
 # ------------------------------------------------------------------------------------------------
