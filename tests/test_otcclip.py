@@ -433,6 +433,34 @@ def test_batch_loss_without_alignment_is_plain_clip(vit_trainer: Trainer) -> Non
     assert extras == {} and loss.item() == pytest.approx(tr.clip_batch_loss(batch).item(), abs=1e-6)
 
 
+@pytest.mark.parametrize("align", [False, True])
+def test_repaired_captions_do_not_train_the_text_tower(vit_trainer: Trainer, align: bool) -> None:
+    tr = vit_trainer
+    weights = {"inter_weight": 0.3, "intra_weight": 0.0} if align else {"inter_weight": 0, "intra_weight": 0}
+    batch = tr.make_batch(torch.arange(8))
+    batch.caption_rows = batch.caption_rows.clone()
+    batch.caption_rows[:5] += 100  # rows 0-4 re-paired (the tokens stay: only the bookkeeping matters here)
+    values, text_grads, logged = [], [], []
+    for grad in (False, True):
+        d = defense(match_features="fresh", repaired_text_grad=grad, **weights)
+        tr.model.zero_grad(set_to_none=True)
+        loss, extras = d.batch_loss(tr, batch)
+        loss.backward()
+        values.append(loss.item())
+        logged.append(extras)
+        text_grads.append(tr.model.transformer.resblocks[0].mlp.c_fc.weight.grad.clone())
+        assert tr.model.visual.conv1.weight.grad.abs().sum() > 0
+    assert values[0] == pytest.approx(values[1], abs=1e-6)  # same forward, different gradient
+    assert logged[0]["repaired"] == pytest.approx(5 / 8) and "repaired" not in logged[1]
+    assert not torch.allclose(text_grads[0], text_grads[1])
+    # all re-paired: no gradient reaches the text tower at all
+    batch.caption_rows[:] += 1000
+    tr.model.zero_grad(set_to_none=True)
+    defense(match_features="fresh", **weights).batch_loss(tr, batch)[0].backward()
+    g = tr.model.transformer.resblocks[0].mlp.c_fc.weight.grad
+    assert g is None or g.abs().sum() == 0
+
+
 def test_epoch_before_a_matching_keeps_the_training_features(vit_trainer: Trainer) -> None:
     tr = vit_trainer  # epoch 0; with warmup_epochs=1 the matching is at the start of epoch 1
     d = defense(inter_weight=0, intra_weight=0)

@@ -71,6 +71,11 @@ class OTCCLIPOptions(Options):
         "the last assignment persists (the model then trains only on its own matches: clean accuracy collapsed "
         "to 0.14 zero-shot in our measurement, docs/otcclip.md)"
     )
+    repaired_text_grad: bool = Field(
+        False, description="let re-paired captions train the text tower; false (default): their text features carry "
+        "no gradient (RoCLIP's matched captions are detached pool entries), so the text tower is not pulled "
+        "towards the model's own matches — own captions train it as usual"
+    )
     margin: float = Field(
         0.0, ge=0, description="re-pair only when the best candidate beats the own caption by more than this"
     )
@@ -546,25 +551,40 @@ class OTCCLIP(Defense):
         """L_CLIP on the matched pairs + λ_inter·L_inter + λ_intra·L_intra, one forward per tower."""
         o = self.options
         collect = self._collecting(trainer)
+        # re-paired captions' text features carry no gradient unless asked (RoCLIP's matched captions are
+        # detached pool entries): the text tower is not pulled towards the model's own matches
+        repaired = batch.caption_rows != batch.rows  # cpu: no device sync
+        detach = not o.repaired_text_grad and bool(repaired.any())
+        extras: dict[str, float] = {"repaired": float(repaired.float().mean())} if detach else {}
         if o.inter_weight == 0 and o.intra_weight == 0 and not collect:
-            return trainer.clip_batch_loss(batch), {}
+            if not detach:
+                return trainer.clip_batch_loss(batch), {}
+            img, txt = trainer.encode(batch.images, batch.tokens)
+            txt = torch.where(repaired.to(txt.device)[:, None], txt.detach(), txt)
+            loss = clip_loss(trainer.gather(img), trainer.gather(txt), trainer.logit_scale())
+            return loss, {"loss_clip": float(loss.detach()), **extras}
         fg = encode_fine_grained(trainer.model, batch.images, batch.tokens)
         if collect:
             self._collect(trainer, batch, fg)
+        text_global, text_tokens = fg.text_global, fg.text_tokens
+        if detach:
+            r = repaired.to(text_global.device)[:, None]
+            text_global = torch.where(r, text_global.detach(), text_global)
+            text_tokens = torch.where(r[..., None], text_tokens.detach(), text_tokens)
         img = F.normalize(fg.image_global, dim=-1)
-        txt = F.normalize(fg.text_global, dim=-1)
+        txt = F.normalize(text_global, dim=-1)
         # over the global batch under torchrun (the identity in one process), as the plain CLIP loss
         loss_clip = clip_loss(trainer.gather(img), trainer.gather(txt), trainer.logit_scale())
         t_mask = self._text_mask(fg.text_mask)
         loss = loss_clip
-        extras = {"loss_clip": float(loss_clip.detach())}
+        extras["loss_clip"] = float(loss_clip.detach())
         if o.inter_weight > 0:
-            loss_inter = self.inter_loss(fg.image_tokens, fg.image_global, fg.text_tokens, t_mask, fg.text_global)
+            loss_inter = self.inter_loss(fg.image_tokens, fg.image_global, text_tokens, t_mask, text_global)
             loss = loss + o.inter_weight * loss_inter
             extras["loss_inter"] = float(loss_inter.detach())
         if o.intra_weight > 0:
-            loss_intra = self.intra_loss(trainer, batch, fg.image_tokens, fg.image_global, fg.text_tokens, t_mask,
-                                         fg.text_global)
+            loss_intra = self.intra_loss(trainer, batch, fg.image_tokens, fg.image_global, text_tokens, t_mask,
+                                         text_global)
             loss = loss + o.intra_weight * loss_intra
             extras["loss_intra"] = float(loss_intra.detach())
         return loss, extras
