@@ -143,6 +143,16 @@ def test_rank_candidates_mixes_global_and_ot() -> None:
     assert oc.rank_candidates(cos, ot_sim, alpha=1.0)[0].tolist() == [1]  # alpha 1 = global only
 
 
+def test_cap_caption_uses_keeps_the_best_scoring_images() -> None:
+    # images 0-3 all chose caption 9 (scores .5 .9 .7 .9), image 4 chose caption 8, 5-9 keep their own
+    assigned = torch.tensor([9, 9, 9, 9, 8, 5, 6, 7, 8, 9])
+    score = torch.tensor([0.5, 0.9, 0.7, 0.9, 0.3, 0, 0, 0, 0, 0])
+    assert oc.cap_caption_uses(assigned, score, 1).tolist() == [0, 9, 2, 3, 8, 5, 6, 7, 8, 9]  # tie: lower row
+    assert oc.cap_caption_uses(assigned, score, 2).tolist() == [0, 9, 2, 9, 8, 5, 6, 7, 8, 9]
+    assert oc.cap_caption_uses(assigned, score, 4).tolist() == assigned.tolist()
+    assert oc.cap_caption_uses(torch.arange(4), torch.zeros(4), 1).tolist() == [0, 1, 2, 3]
+
+
 # --------------------------------------------------------------------------------------------------
 # matching on hand-built features
 
@@ -172,6 +182,19 @@ def test_swapped_captions_are_reassigned_and_own_captions_kept(
     assert (s["repaired_n"], s["poison_repaired"], s["clean_repaired"], s["image_tokens"]) == (2, 1.0, 0.0, 4)
     assert s["token_cache"] is (cache_mb > 0)
     assert s["detect_auroc_ot"] == 1.0 and s["detect_auroc_global"] == 1.0
+
+
+def test_a_caption_replaces_at_most_max_uses_captions(use_world: Callable[[FakeWorld], None]) -> None:
+    world, _ = identity_world()
+    use_world(world)
+    # images 0 and 1 (class 0) both want caption 0, which only row 2 has; row 2 (class 1) wants a caption 1
+    data = train_data([0, 0, 1, 1], [1, 1, 0, 1])
+    capped = defense(top_k=3).data_step(Ctx(data), None)
+    assert capped.caption_index[:2].tolist() in ([2, 1], [0, 2])  # one of them gets it, the other keeps its own
+    assert capped.caption_index[2] in (0, 1, 3) and capped.caption_index[3] == 3
+    assert capped.summary["capped_n"] == 1
+    free = defense(top_k=3, max_uses=None).data_step(Ctx(data), None)
+    assert free.caption_index[:2].tolist() == [2, 2] and free.summary["capped_n"] == 0
 
 
 def ot_vs_global_world() -> tuple[FakeWorld, TrainData]:
@@ -640,6 +663,6 @@ def test_options_are_validated() -> None:
         DEFENSES.options("otcclip", {"alpha": 1.5})
     o = DEFENSES.options("otcclip", {})
     assert (o.top_k, o.alpha, o.score, o.inter_loss, o.eps, o.marginals) == (5, 0.5, "ot", "pairwise", 0.05, "weighted")
-    assert (o.warmup_epochs, o.match_every, o.intra_view_grad, o.between) == (1, 2, False, "own")
+    assert (o.warmup_epochs, o.match_every, o.intra_view_grad, o.between, o.max_uses) == (1, 2, False, "own", 1)
     assert math.isclose(o.intra_fraction, 0.125)
 
