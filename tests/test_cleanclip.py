@@ -7,11 +7,11 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from run_helpers import interrupt_at, last_state, with_defense
 
 from otcbench.config import SynthConfig, TrainJob
 from otcbench.data.format import DatasetMeta, write_meta
@@ -20,25 +20,6 @@ from otcbench.errors import UserError
 from otcbench.train.loop import Trainer
 
 FAST = {"clean_n": 128, "lr": 1e-4, "warmup_steps": 1}
-
-
-def with_defense(job: TrainJob, name: str, init: Path | None = None, **options: Any) -> TrainJob:
-    d = job.model_dump()
-    d["defense"] = {"name": name, "options": options}
-    d["model"]["init"] = str(init) if init is not None else None
-    return TrainJob.model_validate(d)
-
-
-def interrupt_at(step: int) -> Callable[[Trainer], None]:
-    def hook(trainer: Trainer) -> None:
-        if trainer.global_step == step:
-            raise KeyboardInterrupt
-
-    return hook
-
-
-def last_state(run: Path) -> dict[str, Any]:
-    return torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
 
 
 def test_loss_is_the_weighted_sum_on_a_hand_built_batch() -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from run_helpers import interrupt_at
 
 from otcbench import ot
 from otcbench.config import DefenseConfig, SynthConfig, TrainJob
@@ -595,14 +596,6 @@ def small_job(data: Path, make_job: Callable[..., TrainJob], **options: Any) -> 
     job = make_job(data=data, model="otc-vit-tiny", batch_size=32, epochs=2, checkpoint_every_steps=5)
     job.defense = DefenseConfig(name="otcclip", options={"warmup_epochs": 1, "top_k": 3, **options})
     return job
-
-
-def interrupt_at(step: int) -> Callable[[Trainer], None]:
-    def hook(trainer: Trainer) -> None:
-        if trainer.global_step == step:
-            raise KeyboardInterrupt
-
-    return hook
 
 
 def _log(run: Path) -> list[dict[str, Any]]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from run_helpers import interrupt_at, last_state, with_defense
 
 from otcbench.config import TrainJob
 from otcbench.defenses.pool import EmbeddingPool
@@ -18,24 +18,6 @@ from otcbench.defenses.unimodal import matched_clip_loss
 from otcbench.train.loop import Trainer
 
 SMALL = {"pool_size": 96}  # the tiny world has 384 pairs: a pool of 1.5 batches
-
-
-def with_defense(job: TrainJob, name: str, **options: Any) -> TrainJob:
-    d = job.model_dump()
-    d["defense"] = {"name": name, "options": options}
-    return TrainJob.model_validate(d)
-
-
-def interrupt_at(step: int) -> Callable[[Trainer], None]:
-    def hook(trainer: Trainer) -> None:
-        if trainer.global_step == step:
-            raise KeyboardInterrupt
-
-    return hook
-
-
-def last_state(run: Path) -> dict[str, Any]:
-    return torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
 
 
 # --------------------------------------------------------------------------------------------------

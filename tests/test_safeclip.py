@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from run_helpers import interrupt_at, last_state, with_defense
 
 from otcbench.config import SynthConfig, TrainJob
 from otcbench.data.synth import write_world
@@ -23,24 +24,6 @@ from otcbench.errors import UserError
 from otcbench.train.loop import Trainer
 
 FAST = {"unimodal_epochs": 1, "slow_epochs": 1, "bank_size": 32}
-
-
-def with_defense(job: TrainJob, name: str, **options: Any) -> TrainJob:
-    d = job.model_dump()
-    d["defense"] = {"name": name, "options": options}
-    return TrainJob.model_validate(d)
-
-
-def interrupt_at(step: int) -> Callable[[Trainer], None]:
-    def hook(trainer: Trainer) -> None:
-        if trainer.global_step == step:
-            raise KeyboardInterrupt
-
-    return hook
-
-
-def last_state(run: Path) -> dict[str, Any]:
-    return torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from run_helpers import interrupt_at
 from typer.testing import CliRunner
 
 from otcbench.cli import app
@@ -96,16 +97,6 @@ def epochs_of(log: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def interrupt_at(step: int) -> Callable[[Trainer], None]:
-    """An ``on_step`` hook that simulates Ctrl-C right after optimiser step ``step`` (1-based)."""
-
-    def hook(trainer: Trainer) -> None:
-        if trainer.global_step == step:
-            raise KeyboardInterrupt
-
-    return hook
 
 
 def metric_values(metrics: dict[str, Any]) -> dict[str, Any]:
