@@ -6,6 +6,8 @@ rank gets the full result (and takes identical data-side decisions) for 1/W of t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from otcbench.defenses.base import DataContext
@@ -13,39 +15,37 @@ from otcbench.models import prepare_images
 from otcbench.train import distributed
 
 
-@torch.no_grad()
 def embed_images(ctx: DataContext, rows: torch.Tensor | None = None) -> torch.Tensor:
     """L2-normalised global image features (float32, on ``ctx.device``) of ``rows`` (default: all)."""
-    rows = torch.arange(len(ctx.data)) if rows is None else rows
-    lo, hi = distributed.shard(len(rows))
-    rows = rows[lo:hi]
-    model = ctx.model
-    was_training = model.training
-    model.eval()
-    out = []
-    for chunk in rows.split(ctx.embed_batch_size):
-        images = prepare_images(model, ctx.data.images[chunk].to(ctx.device, non_blocking=True))
-        with ctx.autocast():
-            f = model.encode_image(images, normalize=True)
-        out.append(f.float())
-    model.train(was_training)
-    return distributed.all_gather_rows(_cat(out, ctx))
+
+    def encode(chunk: torch.Tensor) -> torch.Tensor:
+        images = prepare_images(ctx.model, ctx.data.images[chunk].to(ctx.device, non_blocking=True))
+        return ctx.model.encode_image(images, normalize=True)
+
+    return _embed(ctx, rows, encode)
+
+
+def embed_captions(ctx: DataContext, caption_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """L2-normalised global text features (float32, on ``ctx.device``) of the captions of ``caption_rows``."""
+
+    def encode(chunk: torch.Tensor) -> torch.Tensor:
+        return ctx.model.encode_text(ctx.data.tokens[chunk].to(ctx.device, non_blocking=True), normalize=True)
+
+    return _embed(ctx, caption_rows, encode)
 
 
 @torch.no_grad()
-def embed_captions(ctx: DataContext, caption_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """L2-normalised global text features (float32, on ``ctx.device``) of the captions of ``caption_rows``."""
-    caption_rows = torch.arange(len(ctx.data)) if caption_rows is None else caption_rows
-    lo, hi = distributed.shard(len(caption_rows))
-    caption_rows = caption_rows[lo:hi]
+def _embed(ctx: DataContext, rows: torch.Tensor | None, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``encode`` over this rank's shard of ``rows`` (default: all) in eval mode and chunks, gathered over ranks."""
+    rows = torch.arange(len(ctx.data)) if rows is None else rows
+    lo, hi = distributed.shard(len(rows))
     model = ctx.model
     was_training = model.training
     model.eval()
     out = []
-    for chunk in caption_rows.split(ctx.embed_batch_size):
+    for chunk in rows[lo:hi].split(ctx.embed_batch_size):
         with ctx.autocast():
-            f = model.encode_text(ctx.data.tokens[chunk].to(ctx.device, non_blocking=True), normalize=True)
-        out.append(f.float())
+            out.append(encode(chunk).float())
     model.train(was_training)
     return distributed.all_gather_rows(_cat(out, ctx))
 
@@ -53,7 +53,6 @@ def embed_captions(ctx: DataContext, caption_rows: torch.Tensor | None = None) -
 def pair_cosine(ctx: DataContext) -> torch.Tensor:
     """Cosine similarity of every image with the caption it is currently paired with (N,), float32."""
     return (embed_images(ctx) * embed_captions(ctx, ctx.caption_index)).sum(-1)
-
 
 
 def _cat(parts: list[torch.Tensor], ctx: DataContext) -> torch.Tensor:
