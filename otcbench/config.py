@@ -68,7 +68,16 @@ class TrainConfig(Options):
     amp: Literal["auto", "bf16", "fp16", "none"] = Field(
         "auto", description="autocast precision; auto = bf16 on CUDA, none on CPU"
     )
-    num_workers: int = Field(0, ge=0, description="data-loader worker processes")
+    num_workers: int = Field(0, ge=0, description="data-loader worker processes (streamed images)")
+    data_mode: Literal["auto", "memory", "stream"] = Field(
+        "auto", description="memory: decode every image once up front; stream: decode batches on demand with "
+        "num_workers processes (datasets larger than memory); auto: memory when the pixels at the model's "
+        "side fit in 8 GiB"
+    )
+    max_bad_fraction: float = Field(
+        0.01, ge=0, le=1, description="streaming: error when more than this fraction of images are missing or "
+        "unreadable (fewer are trained as black images and counted in log.jsonl)"
+    )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: all cores)")
     save_every_epochs: int = Field(1, ge=1, description="keep a per-epoch checkpoint every N epochs")
     checkpoint_every_steps: int = Field(

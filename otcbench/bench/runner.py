@@ -40,7 +40,8 @@ from otcbench.config import EvalConfig, ModelConfig, TrainConfig, TrainJob, vali
 from otcbench.errors import UserError
 
 #: Train/eval options that do not change results: left out of run ids (as the trainer's resume check does).
-HASH_IGNORED_TRAIN = ("device", "threads", "num_workers", "log_every", "save_every_epochs", "checkpoint_every_steps")
+HASH_IGNORED_TRAIN = ("device", "threads", "num_workers", "data_mode", "max_bad_fraction", "log_every",
+                      "save_every_epochs", "checkpoint_every_steps")
 HASH_IGNORED_EVAL = ("device", "batch_size")
 
 MARKER = "results.json"  # identifies a results directory and the recipe it belongs to

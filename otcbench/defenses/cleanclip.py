@@ -132,7 +132,8 @@ class CleanCLIP(Defense):
                 raise UserError(f"cleanclip: clean_data {o.clean_data} has {n_poison} poisoned rows; "
                                 "pass a clean pair dataset")
             self.source = str(o.clean_data)
-            return load_train_data(info, trainer.tokenizer, image_size=data.images.shape[-1])
+            return load_train_data(info, trainer.tokenizer, image_size=data.images.shape[-1], mode=data.mode,
+                                   loader=data.loader)
         cfg = world_config(trainer.data_info.meta, Path(trainer.data_info.path))
         if cfg is None:
             raise UserError(f"cleanclip: cannot tell which synthetic world {trainer.data_info.path} comes from, so "
@@ -154,7 +155,7 @@ class CleanCLIP(Defense):
 
     def batch_loss(self, trainer: Any, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         assert self.aug_tokens is not None
-        raw = trainer.data.images[batch.rows]
+        raw = trainer.raw_images(batch.rows)
         augmented = prepare_images(trainer.model, autoaugment_images(raw).to(trainer.device, non_blocking=True))
         images = torch.cat([batch.images, augmented])
         tokens = torch.cat([batch.tokens, self.aug_tokens[batch.caption_rows].to(trainer.device, non_blocking=True)])

@@ -6,7 +6,7 @@ rank gets the full result (and takes identical data-side decisions) for 1/W of t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -16,11 +16,16 @@ from otcbench.train import distributed
 
 
 def embed_images(ctx: DataContext, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """L2-normalised global image features (float32, on ``ctx.device``) of ``rows`` (default: all)."""
+    """L2-normalised global image features (float32, on ``ctx.device``) of ``rows`` (default: all).
 
-    def encode(chunk: torch.Tensor) -> torch.Tensor:
-        images = prepare_images(ctx.model, ctx.data.images[chunk].to(ctx.device, non_blocking=True))
-        return ctx.model.encode_image(images, normalize=True)
+    The images come through ``ctx.data.image_batches``: indexed in memory, or streamed by the data's
+    loader (worker processes, prefetching) for a dataset decoded on demand.
+    """
+
+    def encode(chunks: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        for raw in ctx.data.image_batches(chunks):
+            yield ctx.model.encode_image(prepare_images(ctx.model, raw.to(ctx.device, non_blocking=True)),
+                                         normalize=True)
 
     return _embed(ctx, rows, encode)
 
@@ -28,24 +33,34 @@ def embed_images(ctx: DataContext, rows: torch.Tensor | None = None) -> torch.Te
 def embed_captions(ctx: DataContext, caption_rows: torch.Tensor | None = None) -> torch.Tensor:
     """L2-normalised global text features (float32, on ``ctx.device``) of the captions of ``caption_rows``."""
 
-    def encode(chunk: torch.Tensor) -> torch.Tensor:
-        return ctx.model.encode_text(ctx.data.tokens[chunk].to(ctx.device, non_blocking=True), normalize=True)
+    def encode(chunks: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        for chunk in chunks:
+            yield ctx.model.encode_text(ctx.data.tokens[chunk].to(ctx.device, non_blocking=True), normalize=True)
 
     return _embed(ctx, caption_rows, encode)
 
 
 @torch.no_grad()
-def _embed(ctx: DataContext, rows: torch.Tensor | None, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """``encode`` over this rank's shard of ``rows`` (default: all) in eval mode and chunks, gathered over ranks."""
+def _embed(ctx: DataContext, rows: torch.Tensor | None,
+           encode: Callable[[list[torch.Tensor]], Iterator[torch.Tensor]]) -> torch.Tensor:
+    """``encode`` over this rank's shard of ``rows`` (default: all) in eval mode and chunks, gathered over ranks.
+
+    ``encode`` gets the list of row chunks and yields their features in order (so that image reads can run
+    ahead of the model).
+    """
     rows = torch.arange(len(ctx.data)) if rows is None else rows
     lo, hi = distributed.shard(len(rows))
     model = ctx.model
     was_training = model.training
     model.eval()
     out = []
-    for chunk in rows[lo:hi].split(ctx.embed_batch_size):
-        with ctx.autocast():
-            out.append(encode(chunk).float())
+    features = encode(list(rows[lo:hi].split(ctx.embed_batch_size)))
+    while True:
+        with ctx.autocast():  # the forward runs inside the generator, at next()
+            f = next(features, None)
+        if f is None:
+            break
+        out.append(f.float())
     model.train(was_training)
     return distributed.all_gather_rows(_cat(out, ctx))
 

@@ -329,7 +329,7 @@ class OTCCLIP(Defense):
             was = trainer.model.training
             trainer.model.eval()
             try:
-                _image_features(trainer.model, trainer.data.images[:1].to(trainer.device))
+                _image_features(trainer.model, trainer.data.image_rows(torch.arange(1)).to(trainer.device))
                 _text_features(trainer.model, trainer.data.tokens[:1].to(trainer.device))
             finally:
                 trainer.model.train(was)
@@ -486,14 +486,14 @@ class OTCCLIP(Defense):
         device = ctx.device
         if store is None:
             with ctx.autocast():
-                g, v = _image_features(ctx.model, ctx.data.images[chunk].to(device, non_blocking=True))
+                g, v = _image_features(ctx.model, ctx.data.image_rows(chunk).to(device, non_blocking=True))
             return F.normalize(g.float(), dim=-1), v.float()
         at = chunk.to(store.img_ok.device)
         g, v = store.img_g[at], store.img_t[at]
         missing = (~store.img_ok[at]).cpu()
         if missing.any():
             with ctx.autocast():
-                g2, v2 = _image_features(ctx.model, ctx.data.images[chunk[missing]].to(device, non_blocking=True))
+                g2, v2 = _image_features(ctx.model, ctx.data.image_rows(chunk[missing]).to(device, non_blocking=True))
             g[missing.to(g.device)], v[missing.to(g.device)] = F.normalize(g2.float(), dim=-1), v2.float()
         return g, v
 
@@ -663,7 +663,7 @@ class OTCCLIP(Defense):
         parts = []
         if o.intra_modalities in ("both", "image"):
             # augmented on the device with the global RNG, which the trainer reseeds at every step
-            raw = trainer.data.images[batch.rows[:s]].to(device, non_blocking=True)
+            raw = trainer.raw_images(batch.rows)[:s].to(device, non_blocking=True)
             grad = torch.enable_grad() if o.intra_view_grad else torch.no_grad()
             if o.intra_views == "reuse":
                 view1, g1 = v[:s], g_img[:s]

@@ -101,6 +101,9 @@ def eda_tokens(trainer: Trainer, seed: int, options: EDAOptions) -> torch.Tensor
 
 
 def augmented_batch_images(trainer: Trainer, rows: torch.Tensor, options: ImageAugOptions) -> torch.Tensor:
-    """Model input of an augmented view of the images of ``rows`` (augmented on the device, global RNG)."""
-    raw = trainer.data.images[rows].to(trainer.device, non_blocking=True)
+    """Model input of an augmented view of the images of ``rows`` (augmented on the device, global RNG).
+
+    The pixels come from :meth:`Trainer.raw_images`: a training batch's own images, not a second read.
+    """
+    raw = trainer.raw_images(rows).to(trainer.device, non_blocking=True)
     return prepare_images(trainer.model, augment_images(raw, None, options))

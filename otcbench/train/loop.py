@@ -27,7 +27,7 @@ from otcbench.errors import UserError
 from otcbench.models import create_model, get_tokenizer, image_size, load_checkpoint_file, prepare_images
 from otcbench.train import distributed
 from otcbench.train.checkpoint import atomic_torch_save, atomic_write_text, environment_info, write_json
-from otcbench.train.data import TrainData, load_train_data
+from otcbench.train.data import LoaderOptions, TrainData, load_for_model
 from otcbench.train.losses import clip_loss
 from otcbench.train.schedule import cosine_lr, warmup_steps
 
@@ -97,12 +97,13 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 @dataclass
 class Batch:
-    """One training batch, already on the device."""
+    """One training (micro-)batch: model input on the device, and the raw images it was made from."""
 
     rows: torch.Tensor  # dataset rows of the images (cpu, int64)
     caption_rows: torch.Tensor  # rows whose captions are paired with them (after re-pairing)
     images: torch.Tensor  # model input
     tokens: torch.Tensor
+    raw: torch.Tensor  # uint8 [B,3,H,W] on the CPU (pinned when streaming to CUDA): read via Trainer.raw_images
 
 
 class Trainer:
@@ -152,11 +153,11 @@ class Trainer:
         self.model = create_model(job.model.name, checkpoint=job.model.init, device=self.device)
         self.tokenizer = get_tokenizer(job.model.name)
         side = image_size(self.model)[0]
-        self.data: TrainData = load_train_data(self.data_info, self.tokenizer, image_size=None)
-        if self.data.images.shape[-1] != side and self.data.images.shape[-1] > 4 * side:
-            # Decoding at full size then resizing every step would waste memory: resize once.
-            self.data = load_train_data(self.data_info, self.tokenizer, image_size=side)
+        loader = LoaderOptions(num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
+                               max_bad_fraction=self.cfg.max_bad_fraction)
+        self.data: TrainData = load_for_model(self.data_info, self.tokenizer, side, self.cfg.data_mode, loader)
         self.data = self.defense.train_data(self, self.data)
+        self.current_batch: Batch | None = None  # the micro-batch being trained (raw_images serves its rows)
         self.caption_index = torch.arange(len(self.data))
         if is_convnet(self.model):
             # oneDNN/cuDNN convolutions run faster on NHWC; a no-op for transformer towers.
@@ -279,11 +280,26 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def make_batch(self, rows: torch.Tensor) -> Batch:
+    def make_batch(self, rows: torch.Tensor, raw: torch.Tensor | None = None) -> Batch:
+        """The batch of image ``rows`` with their paired captions; ``raw``: their images if already read."""
         cap_rows = self.caption_index[rows]
-        images = prepare_images(self.model, self.data.images[rows].to(self.device, non_blocking=True))
+        if raw is None:
+            raw = self.data.image_rows(rows)
+        images = prepare_images(self.model, raw.to(self.device, non_blocking=True))
         tokens = self.data.tokens[cap_rows].to(self.device, non_blocking=True)
-        return Batch(rows, cap_rows, images, tokens)
+        self.current_batch = Batch(rows, cap_rows, images, tokens, raw)
+        return self.current_batch
+
+    def raw_images(self, rows: torch.Tensor) -> torch.Tensor:
+        """Raw uint8 images ``[B,3,H,W]`` (CPU) of ``rows``: what defenses augment.
+
+        The one accessor for a batch's pixels: the current batch's own images when ``rows`` are its rows
+        (no second read — a streamed batch was decoded once, by the loader), else read from the data.
+        """
+        b = self.current_batch
+        if b is not None and (rows is b.rows or (rows.shape == b.rows.shape and torch.equal(rows, b.rows))):
+            return b.raw
+        return self.data.image_rows(rows)
 
     def encode(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised image and text features."""
@@ -307,8 +323,18 @@ class Trainer:
         img, txt = self.encode(batch.images, batch.tokens)
         return clip_loss(self.gather(img), self.gather(txt), self.logit_scale())
 
-    def train_step(self, rows: torch.Tensor) -> tuple[float, dict[str, float]]:
-        """One optimiser step over ``rows`` (split into ``grad_accum`` micro-batches)."""
+    def micro_batches(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """This process's micro-batches of a step's ``rows``: its contiguous shard, split ``grad_accum`` ways."""
+        if self.dist.enabled:
+            lo, hi = distributed.shard(len(rows), self.dist)
+            rows = rows[lo:hi]
+        return list(rows.chunk(self.cfg.grad_accum))
+
+    def train_step(self, rows: torch.Tensor, raws: list[torch.Tensor] | None = None) -> tuple[float, dict[str, float]]:
+        """One optimiser step over ``rows`` (split into ``grad_accum`` micro-batches).
+
+        ``raws``: the raw images of each of :meth:`micro_batches` ``(rows)`` when already read (streaming).
+        """
         torch.manual_seed(step_seed(self.cfg.seed, self.global_step))
         self.lr = self.defense.learning_rate(
             self, cosine_lr(self.global_step, self.cfg.lr, self.warmup, self.total_steps))
@@ -318,11 +344,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         extras: dict[str, float] = {}
-        if self.dist.enabled:
-            lo, hi = distributed.shard(len(rows), self.dist)
-            rows = rows[lo:hi]
-        for micro in rows.chunk(self.cfg.grad_accum):
-            batch = self.make_batch(micro)
+        micro = self.micro_batches(rows)
+        for part, raw in zip(micro, raws if raws is not None else [None] * len(micro), strict=True):
+            batch = self.make_batch(part, raw)
             with self.autocast():
                 loss, extra = self.defense.batch_loss(self, batch)
             self.scaler.scale(loss / self.cfg.grad_accum).backward()
@@ -352,15 +376,20 @@ class Trainer:
             atomic_write_text(self.out / "config.yaml", dump_yaml(self.job))
             info = environment_info(self.device)
             info["world_size"] = self.dist.world_size
+            info["data_mode"] = self.data.mode
+            info["num_workers"] = self.cfg.num_workers
             write_json(self.out / "env.json", info)
         distributed.barrier()
-        self.defense.on_train_start(self)
-        with _progress(self.show_progress and self.dist.is_main) as progress:
-            ep_task = progress.add_task("epochs", total=self.cfg.epochs, completed=self.epoch, info="")
-            step_task = progress.add_task("steps", total=self.steps_per_epoch, info="")
-            while self.epoch < self.cfg.epochs:
-                self._run_epoch(progress, step_task)
-                progress.update(ep_task, completed=self.epoch)
+        try:
+            self.defense.on_train_start(self)
+            with _progress(self.show_progress and self.dist.is_main) as progress:
+                ep_task = progress.add_task("epochs", total=self.cfg.epochs, completed=self.epoch, info="")
+                step_task = progress.add_task("steps", total=self.steps_per_epoch, info="")
+                while self.epoch < self.cfg.epochs:
+                    self._run_epoch(progress, step_task)
+                    progress.update(ep_task, completed=self.epoch)
+        finally:
+            self.data.close()  # streaming workers end with the run, not at garbage collection
         distributed.barrier()
         return self.ckpt_dir / LAST
 
@@ -377,9 +406,12 @@ class Trainer:
         steps_here = 0
         t_epoch = time.perf_counter()
         t_log, seen = time.perf_counter(), 0
-        for s in range(self.step_in_epoch, n_steps):
-            rows = order[s * bs : (s + 1) * bs]
-            loss, extras = self.train_step(rows)
+        # the epoch's remaining steps, read ahead in this order (workers and prefetching when streaming)
+        steps = [order[s * bs : (s + 1) * bs] for s in range(self.step_in_epoch, n_steps)]
+        micro = [self.micro_batches(rows) for rows in steps]
+        raw_iter = self.data.image_batches([m for ms in micro for m in ms], persistent=True)
+        for s, rows, parts in zip(range(self.step_in_epoch, n_steps), steps, micro, strict=True):
+            loss, extras = self.train_step(rows, [next(raw_iter) for _ in parts])
             self.epoch_loss_sum += loss
             self.epoch_loss_n += 1
             steps_here += 1
@@ -404,9 +436,13 @@ class Trainer:
         self.step_in_epoch = 0
         seconds = time.perf_counter() - t_epoch
         # loss: the whole epoch's mean, also across a resume; seconds/images_per_s: this process's part
-        self.log({"type": "epoch", "epoch": epoch, "step": self.global_step,
-                  "loss": round(self.epoch_loss_sum / max(1, self.epoch_loss_n), 5), "seconds": round(seconds, 2),
-                  "images_per_s": round(steps_here * bs / max(seconds, 1e-9), 1)})
+        rec = {"type": "epoch", "epoch": epoch, "step": self.global_step,
+               "loss": round(self.epoch_loss_sum / max(1, self.epoch_loss_n), 5), "seconds": round(seconds, 2),
+               "images_per_s": round(steps_here * bs / max(seconds, 1e-9), 1)}
+        if self.data.mode == "stream":
+            # distinct rows read so far whose image was missing or unreadable (trained as black images)
+            rec["bad_images"] = self.data.n_bad_images
+        self.log(rec)
         self.save(epoch_copy=self.epoch % self.cfg.save_every_epochs == 0 or self.epoch == self.cfg.epochs)
 
 
@@ -416,7 +452,7 @@ def _config_diff(old: TrainJob, new: TrainJob) -> str:
     for d in (a, b):
         d["data"] = str(Path(d["data"]).resolve()) if d["data"] else ""
     for d in (a, b):
-        for k in ("epochs", "device", "threads", "num_workers", "log_every"):
+        for k in ("epochs", "device", "threads", "num_workers", "data_mode", "max_bad_fraction", "log_every"):
             d["train"].pop(k, None)
     diffs = []
     for section in a:
