@@ -74,6 +74,11 @@ class TrainData:
         """Rows whose image was missing or unreadable when streamed (trained as black images)."""
         return self.images.n_bad if isinstance(self.images, StreamImages) else 0
 
+    @property
+    def bad_image_examples(self) -> list[str]:
+        """The first bad streamed images, ``"row N (path): Error"``."""
+        return list(self.images.bad_examples) if isinstance(self.images, StreamImages) else []
+
     def image_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Raw uint8 images ``[B,3,H,W]`` (CPU) of ``rows``, read now in this process."""
         return self.images[rows]

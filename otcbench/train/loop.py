@@ -442,6 +442,8 @@ class Trainer:
         if self.data.mode == "stream":
             # distinct rows read so far whose image was missing or unreadable (trained as black images)
             rec["bad_images"] = self.data.n_bad_images
+            if self.data.n_bad_images:
+                rec["bad_image_examples"] = self.data.bad_image_examples
         self.log(rec)
         self.save(epoch_copy=self.epoch % self.cfg.save_every_epochs == 0 or self.epoch == self.cfg.epochs)
 
