@@ -528,7 +528,8 @@ def run_cmd(
     set_: SetOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Results directory (default results/<name>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue interrupted or failed runs.")] = False,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Runs trained at once (worker processes).")] = 1,
+    jobs: Annotated[int | None, typer.Option(
+        "--jobs", "-j", help="Runs trained at once (worker processes; default: the recipe's `jobs`).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and list the grid; run nothing.")] = False,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
@@ -543,12 +544,13 @@ def run_cmd(
     from otcbench.bench.runner import execute_plan, plan_recipe
 
     _quiet_datasets()
-    if jobs < 1:
+    if jobs is not None and jobs < 1:
         raise UserError(f"--jobs {jobs}: give at least 1")
     rec, path = load_recipe(recipe, set_)
+    jobs = rec.jobs if jobs is None else jobs
     plan = plan_recipe(rec, out, resume=resume)
     if dry_run:
-        table = Table(title=f"{rec.name}: {len(plan.runs)} runs → {plan.out}")
+        table = Table(title=f"{rec.name}: {len(plan.runs)} runs, {jobs} at a time → {plan.out}")
         for col in ("run_id", "attack", "defense", "seed", "starts from", "state"):
             table.add_column(col)
         for r in plan.runs:

@@ -234,7 +234,14 @@ def test_cli_run_prints_the_table_and_rejects_bad_recipes(tmp_path: Path, tiny_w
     r = cli.invoke(app, ["run", str(path), "--out", str(out), "--no-plots"])
     assert r.exit_code == 0 and "1 runs (1 cached)" in r.output
     r = cli.invoke(app, ["run", str(path), "--out", str(out), "--dry-run"])
-    assert r.exit_code == 0 and "done" in r.output
+    assert r.exit_code == 0 and "done" in r.output and "1 at a time" in r.output
+    # the recipe's `jobs` is the default of --jobs, and --jobs overrides it
+    r = cli.invoke(app, ["run", str(path), "--out", str(out), "--dry-run", "--set", "jobs=2"])
+    assert r.exit_code == 0 and "2 at a time" in r.output
+    r = cli.invoke(app, ["run", str(path), "--out", str(out), "--dry-run", "--set", "jobs=2", "--jobs", "3"])
+    assert r.exit_code == 0 and "3 at a time" in r.output
+    r = cli.invoke(app, ["run", str(path), "--out", str(out), "--dry-run", "--set", "jobs=0"])
+    assert r.exit_code == 2 and "jobs" in r.output
 
     bad = recipe_file(tmp_path, defenses=["roclipp"])
     r = cli.invoke(app, ["run", str(bad), "--out", str(tmp_path / "bad")])

@@ -196,6 +196,10 @@ class Recipe(Options):
     keep_checkpoints: Literal["last", "all"] = Field(
         "last", description="after a run is evaluated keep only checkpoints/last.pt (last) or every epoch's"
     )
+    jobs: int = Field(
+        1, ge=1, description="runs trained at once by default (`otcbench run --jobs` overrides); each gets an "
+        "equal share of the CPU cores, which changes no run id"
+    )
 
     @field_validator("name")
     @classmethod
