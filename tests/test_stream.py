@@ -88,6 +88,14 @@ def test_streamed_pixels_equal_decoded_pixels(paths_data: Path) -> None:
     assert torch.equal(src[:4], memory[:4]) and src.shape == memory.shape and len(src) == N
     # another side: resized exactly as the in-memory path resizes
     assert torch.equal(StreamImages(pd.ds, pd.path, 24)[rows], fmt.images_to_tensor(pd.ds, size=24, root=pd.path)[rows])
+    # a scan in row order reads the next chunk ahead (in a background thread): same pixels
+    chunks = [src[torch.arange(0, 20)]]
+    assert src._ahead is not None and src._ahead[0] == list(range(20, 40))
+    chunks += [src[torch.arange(20, 40)], src[torch.arange(40, 48)]]
+    assert src._ahead is None and torch.equal(torch.cat(chunks), memory)  # nothing after the last row
+    assert torch.equal(src[torch.arange(10, 20)], memory[10:20]) and src._ahead is not None
+    assert torch.equal(src[torch.tensor([1, 2])], memory[1:3])  # not the chunk read ahead: read now
+    src.close()
     # non-square images: shorter side to the side, centre crop (the importers' --image-size)
     wide = np.zeros((10, 30, 3), dtype=np.uint8)
     wide[:, 10:20] = 255

@@ -14,7 +14,7 @@ line, the rule the importers use.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +56,10 @@ class StreamImages:
 
     Stands where the in-memory ``uint8 [N,3,H,W]`` tensor stands (``len``, ``shape``, ``dtype``, indexing
     by a row tensor, a list, a slice or an int), so data-side code that indexes rows keeps working; reads in
-    the calling process use ``threads`` decoding threads. Batches of the training loop and whole-dataset
-    passes go through :func:`image_loader` instead (worker processes, prefetching).
+    the calling process use ``threads`` decoding threads, and a read of consecutive rows starts decoding the
+    next as many rows in the background (data-side passes read chunks in row order). Batches of the
+    training loop and whole-dataset embedding go through :class:`ImageLoader` instead (worker processes,
+    prefetching).
 
     Args:
         ds: the pair dataset's ``datasets.Dataset`` (its ``image`` column: bytes or paths).
@@ -79,6 +81,8 @@ class StreamImages:
         self.bad_rows: set[int] = set()
         self.bad_examples: list[str] = []
         self._pool: ThreadPoolExecutor | None = None
+        self._ahead_pool: ThreadPoolExecutor | None = None
+        self._ahead: tuple[list[int], Future] | None = None  # the next contiguous chunk, being decoded
 
     def __len__(self) -> int:
         return len(self.table)
@@ -89,7 +93,7 @@ class StreamImages:
 
     def __getstate__(self) -> dict[str, Any]:
         # worker processes get the dataset, never this process's thread pool
-        return {**self.__dict__, "_pool": None}
+        return {**self.__dict__, "_pool": None, "_ahead_pool": None, "_ahead": None}
 
     # ---- decoding (runs in worker processes too) --------------------------------------------------
 
@@ -130,9 +134,19 @@ class StreamImages:
     def __getitem__(self, index: Any) -> torch.Tensor:
         single = isinstance(index, int)
         rows = _rows(index, len(self))
-        if self._pool is None and self.threads > 1:
+        if self.threads > 1 and self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="otcbench-decode")
-        images, bad = self.read(rows, self._pool)
+            self._ahead_pool = ThreadPoolExecutor(1, thread_name_prefix="otcbench-read-ahead")
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == rows:
+            images, bad = ahead[1].result()
+        else:
+            images, bad = self.read(rows, self._pool)
+        if self._ahead_pool is not None and len(rows) > 1 and rows[-1] + 1 < len(self) \
+                and rows == list(range(rows[0], rows[0] + len(rows))):
+            # a scan in row order (data-side passes: matching, scoring): decode the next chunk meanwhile
+            nxt = list(range(rows[-1] + 1, min(len(self), rows[-1] + 1 + len(rows))))
+            self._ahead = (nxt, self._ahead_pool.submit(self.read, nxt, self._pool))
         self.note_bad(bad)
         return images[0] if single else images
 
@@ -157,9 +171,11 @@ class StreamImages:
 
     def close(self) -> None:
         """Stop the decoding threads (reads still work afterwards, single-threaded until reopened)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-            self._pool = None
+        self._ahead = None
+        for pool in (self._ahead_pool, self._pool):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = self._ahead_pool = None
 
 
 def _rows(index: Any, n: int) -> list[int]:
