@@ -72,7 +72,7 @@ class TrainConfig(Options):
     data_mode: Literal["auto", "memory", "stream"] = Field(
         "auto", description="memory: decode every image once up front; stream: decode batches on demand with "
         "num_workers processes (datasets larger than memory); auto: memory when the pixels at the model's "
-        "side fit in 8 GiB"
+        "side (or as stored, up to 4x it) fit in 8 GiB"
     )
     max_bad_fraction: float = Field(
         0.01, ge=0, le=1, description="streaming: error when more than this fraction of images are missing or "

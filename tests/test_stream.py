@@ -109,6 +109,11 @@ def test_auto_memory_and_stream_selection(paths_data: Path, monkeypatch: pytest.
     assert load_for_model(pd, tok, 32, "stream", LoaderOptions()).mode == "stream"
     monkeypatch.setattr(train_data, "MAX_IN_MEMORY_BYTES", N * 3 * 32 * 32 - 1)  # one byte short
     assert load_for_model(pd, tok, 32, "auto", LoaderOptions()).mode == "stream"
+    # a 16 px model: memory would keep the 32 px images as stored (not 16 px): decided by what it would hold
+    assert load_for_model(pd, tok, 16, "auto", LoaderOptions()).mode == "stream"
+    monkeypatch.setattr(train_data, "MAX_IN_MEMORY_BYTES", N * 3 * 32 * 32)
+    assert load_for_model(pd, tok, 16, "auto", LoaderOptions()).mode == "memory"
+    monkeypatch.setattr(train_data, "MAX_IN_MEMORY_BYTES", N * 3 * 32 * 32 - 1)
     with pytest.raises(UserError, match="data_mode=stream"):
         load_for_model(pd, tok, 32, "memory", LoaderOptions())
     with pytest.raises(UserError, match="data_mode=stream"):

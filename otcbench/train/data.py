@@ -8,10 +8,11 @@ Two ways to hold the images, one interface (``TrainData.image_rows`` / ``TrainDa
   demand at the model's side, batches through a ``DataLoader`` with worker processes and pinned memory
   (:mod:`otcbench.train.stream`).
 
-``train.data_mode=auto`` (the default) picks memory when the decoded pixels (at the model's side) fit in
-``MAX_IN_MEMORY_BYTES``, else stream. Both give the same pixels for the same rows, so a run trains to the
-same weights either way (for images stored at the model's side; otherwise the memory path keeps the
-stored size and resizes on the device, the stream path resizes on the CPU).
+``train.data_mode=auto`` (the default) picks memory when the pixels it would hold (images up to 4× the
+model's side as stored, larger ones at the model's side) fit in ``MAX_IN_MEMORY_BYTES``, else stream.
+Both give the same pixels for the same rows, so a run trains to the same weights either way (for images
+stored at the model's side; otherwise the memory path keeps the stored size and resizes on the device,
+the stream path resizes on the CPU).
 
 Re-pairing defenses change which caption an image is trained with through ``Trainer.caption_index``, so
 captions are kept as a separate token table.
@@ -19,13 +20,14 @@ captions are kept as a separate token table.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
-from otcbench.data.format import PairDataset, images_to_tensor
+from otcbench.data.format import PairDataset, images_to_tensor, resolve_image_path
 from otcbench.errors import UserError
 from otcbench.train.stream import ImageLoader, StreamImages
 
@@ -166,16 +168,33 @@ def load_for_model(data: PairDataset, tokenizer, side: int, mode: DataMode, load
     n = len(data)
     if n == 0:
         raise UserError(f"dataset {data.path} is empty; nothing to train on")
-    chosen = choose_mode(mode, n, side)
+    # in memory, images up to 4x the model's side keep their stored size: size the decision by that
+    stored = _stored_side(data) or side
+    held = stored if stored <= 4 * side else side
+    chosen = choose_mode(mode, n, held)
     if chosen == "stream":
         return _load(data, tokenizer, side, "stream", loader)
-    if decoded_bytes(n, side) > MAX_IN_MEMORY_BYTES:
-        raise UserError(f"dataset {data.path} ({n} images at {side}px) is too large to decode into memory; "
+    if decoded_bytes(n, held) > MAX_IN_MEMORY_BYTES:
+        raise UserError(f"dataset {data.path} ({n} images at {held}px) is too large to decode into memory; "
                         "stream it (--set train.data_mode=stream or auto)")
     td = _load(data, tokenizer, None, "memory", loader)
     if td.images.shape[-1] != side and td.images.shape[-1] > 4 * side:
         td = _load(data, tokenizer, side, "memory", loader)
     return td
+
+
+def _stored_side(data: PairDataset) -> int | None:
+    """The longer side of the first image (its header only), or None when it cannot be read."""
+    from PIL import Image
+
+    try:
+        cell = data.ds.with_format("arrow")[:1].column("image").to_pylist()[0]
+        source = io.BytesIO(cell["bytes"]) if cell.get("bytes") is not None else \
+            resolve_image_path(cell["path"], data.path)
+        with Image.open(source) as img:
+            return max(img.size)
+    except Exception:  # a bad first image: the caller's default; the read itself reports it later
+        return None
 
 
 def _load(data: PairDataset, tokenizer, image_size: int | None, mode: Literal["memory", "stream"],
