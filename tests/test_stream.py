@@ -7,6 +7,9 @@ One tiny path-based dataset per module (48 PNG files of 32 px imported with ``--
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,9 +57,9 @@ def paths_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_path_dataset(tmp_path_factory.mktemp("stream"))
 
 
-def job(data: Path, **train: Any) -> TrainJob:
+def job(data: Path, model: str = "otc-rn-nano", **train: Any) -> TrainJob:
     return TrainJob.model_validate({
-        "data": str(data), "model": {"name": "otc-rn-nano"},
+        "data": str(data), "model": {"name": model},
         "train": TrainConfig(**{"epochs": 1, "batch_size": 16, "threads": 1, "device": "cpu", "log_every": 1,
                                 **train}).model_dump(mode="json"),
     })
@@ -152,6 +155,23 @@ def test_streamed_run_resumes_exactly(paths_data: Path, tmp_path: Path) -> None:
     Trainer(job(paths_data, data_mode="stream", checkpoint_every_steps=1), run, resume=True,
             show_progress=False).fit()
     assert losses(run) == losses(ref) and same_weights(run, ref)
+
+
+def test_streamed_torchrun_matches_one_process_in_memory(paths_data: Path, tmp_path: Path) -> None:
+    """2 gloo processes, each streaming its shard of every step with a worker, train like one process."""
+    one = tmp_path / "one"
+    Trainer(job(paths_data, model="otc-vit-tiny", data_mode="memory"), one, show_progress=False).fit()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "otcbench",
+           "train", str(paths_data), str(tmp_path / "two"), "--model", "otc-vit-tiny", "--no-progress"]
+    for opt in ("epochs=1", "batch_size=16", "threads=1", "log_every=1", "device=cpu", "data_mode=stream",
+                "num_workers=1"):
+        cmd += ["--set", f"train.{opt}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OTCBENCH_NO_PROGRESS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "env.json").read_text())["data_mode"] == "stream"
+    a, b = losses(one), losses(tmp_path / "two")
+    assert len(a) == len(b) == 3 and torch.allclose(torch.tensor(a), torch.tensor(b), rtol=2e-3), (a, b)
 
 
 def test_embedding_pass_streams_through_the_loader(paths_data: Path, tmp_path: Path) -> None:
