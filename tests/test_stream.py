@@ -276,3 +276,15 @@ def test_too_many_bad_images_is_one_line(tmp_path: Path) -> None:
     _break(data, [3, 4], lambda p: p.write_bytes(b""))  # 2 > 0.03 × 48
     with pytest.raises(UserError, match=r"2 of 48 images are missing or unreadable .*train.max_bad_fraction 0.03"):
         Trainer(job(data, data_mode="stream", max_bad_fraction=0.03), tmp_path / "run", show_progress=False).fit()
+
+
+def test_a_path_outside_the_dataset_is_one_line_from_a_worker(tmp_path: Path) -> None:
+    ds = fmt.build_pair_dataset(["../secret.png"] * 4, ["x"] * 4)
+    data = train_data.TrainData(StreamImages(ds, tmp_path, 32), torch.zeros(4, 5, dtype=torch.long),
+                                torch.zeros(4, dtype=torch.long), [""] * 4, ["x"] * 4, LoaderOptions(num_workers=1))
+    with pytest.raises(UserError, match="outside the dataset directory") as err:
+        list(data.image_batches([torch.arange(4)]))
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="outside the dataset directory"):
+        data.image_rows(torch.arange(2))
+

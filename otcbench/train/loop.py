@@ -352,6 +352,7 @@ class Trainer:
             self.scaler.scale(loss / self.cfg.grad_accum).backward()
             total += loss.detach() / self.cfg.grad_accum
             extras.update(extra)
+        self.current_batch = None  # let its device tensors go before the optimiser step and data-side hooks
         if self.dist.enabled:
             distributed.average_gradients(self.model)
             torch.distributed.all_reduce(total)

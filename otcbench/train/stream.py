@@ -13,6 +13,7 @@ line, the rule the importers use.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -132,7 +133,7 @@ class StreamImages:
     # ---- the in-process accessor --------------------------------------------------------------------
 
     def __getitem__(self, index: Any) -> torch.Tensor:
-        single = isinstance(index, int)
+        single = isinstance(index, numbers.Integral)
         rows = _rows(index, len(self))
         if self.threads > 1 and self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="otcbench-decode")
@@ -180,7 +181,7 @@ class StreamImages:
 
 def _rows(index: Any, n: int) -> list[int]:
     """Row numbers of an index: an int, a slice, a list/array or a 1-d integer (or bool) tensor."""
-    if isinstance(index, int):
+    if isinstance(index, numbers.Integral):
         index = [index]
     elif isinstance(index, slice):
         return list(range(n))[index]
@@ -196,13 +197,17 @@ def _rows(index: Any, n: int) -> list[int]:
 
 
 class _BatchReader(torch.utils.data.Dataset):
-    """A map-style dataset whose items are whole batches: item ``rows`` → (images, bad lines)."""
+    """A map-style dataset whose items are whole batches: item ``rows`` → (images, bad rows, error or "")."""
 
     def __init__(self, source: StreamImages) -> None:
         self.source = source
 
-    def __getitem__(self, rows: list[int]) -> tuple[torch.Tensor, list[tuple[int, str]]]:  # type: ignore[override]
-        return self.source.read(rows)
+    def __getitem__(self, rows: list[int]) -> tuple[torch.Tensor, list[tuple[int, str]], str]:  # type: ignore[override]
+        try:
+            return (*self.source.read(rows), "")
+        except UserError as err:
+            # returned, not raised: a worker's exception reaches the caller wrapped in a traceback
+            return torch.empty(0, dtype=torch.uint8), [], str(err)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -245,7 +250,9 @@ class ImageLoader:
         self.plan.batches = [b.tolist() for b in batches]
         if not self.plan.batches:
             return
-        for images, bad in self.loader:
+        for images, bad, error in self.loader:
+            if error:
+                raise UserError(error)
             if bad:
                 self.source.note_bad(bad)
             yield images
