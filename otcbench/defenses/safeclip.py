@@ -205,7 +205,7 @@ class SafeCLIP(Defense):
         feats = []
         with torch.no_grad():
             for chunk in torch.arange(len(ctx.data)).split(ctx.embed_batch_size):
-                raw = ctx.data.images[chunk].to(ctx.device)
+                raw = ctx.data.image_rows(chunk).to(ctx.device)
                 with ctx.autocast():
                     f = model.encode_image(prepare_images(model, augment_images(raw, gen, self.options.image_aug)),
                                            normalize=True)
