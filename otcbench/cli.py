@@ -404,20 +404,24 @@ def defend_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Run a defense's data-side step alone (caption re-matching / pair filtering) with a trained model;
-    writes the re-paired dataset, per-pair scores and detection metrics. --set takes the defense's options.
+    writes the re-paired dataset, per-pair scores and detection metrics. --set takes the defense's options,
+    and train.data_mode / train.num_workers / train.max_bad_fraction (images in memory or streamed, as train).
 
-    Example: otcbench defend data/p data/p-otc --defense otcclip --checkpoint runs/clip --set top_k=10
+    Examples: otcbench defend data/p data/p-otc --defense otcclip --checkpoint runs/clip --set top_k=10;
+    otcbench defend data/cc3m-p out --defense otcclip --checkpoint runs/rn50 --set train.data_mode=stream
+    --set train.num_workers=8
     """
     from otcbench.config import apply_overrides
-    from otcbench.defenses.defend import report_table, run_defend
+    from otcbench.defenses.defend import data_options, report_table, run_defend
 
     _quiet_datasets()
     options = apply_overrides({}, set_)
+    loading = data_options(options.pop("train", None))  # how images are read; the rest is the defense's
     if set(options) == {"defense"} and isinstance(options["defense"], dict):  # train-style keys work too
         options = options["defense"].get("options", {})
     report = run_defend(data, out, defense=defense, checkpoint=checkpoint, options=options, model_name=model,
-                        batch_size=batch_size, device=device, show_progress=_progress_enabled(no_progress),
-                        command=" ".join(["otcbench", *sys.argv[1:]]))
+                        batch_size=batch_size, device=device, loading=loading,
+                        show_progress=_progress_enabled(no_progress), command=" ".join(["otcbench", *sys.argv[1:]]))
     if as_json:
         console.print_json(json.dumps(report))
         return

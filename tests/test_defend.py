@@ -4,6 +4,7 @@ with detection metrics, any data-side defense, and one-line errors on bad input.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -174,3 +175,101 @@ def test_defend_missing_checkpoint_and_nonempty_out(poisoned: Path, trained_run:
     _one_line_error(invoke("defend", tmp_path / "nodata", tmp_path / "o2", "--defense", "otcclip",
                            "--checkpoint", trained_run), "does not exist")
 
+
+
+# --------------------------------------------------------------------------------------------------
+# images in memory or streamed (train.data_mode), path-based sources
+
+
+@pytest.fixture(scope="module")
+def path_poisoned(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 96 pairs of the tiny world as PNG files imported path-based, then poisoned (badnet: 8 pairs added):
+    clean rows are paths under ``source/``, poisoned rows bytes."""
+    import csv
+
+    from otcbench.attacks.poison import poison_dataset
+    from otcbench.data.format import image_bytes
+    from otcbench.data.importers import import_dataset
+
+    root = tmp_path_factory.mktemp("defend-paths")
+    world = load_pair_dataset(tiny_world).ds.select(range(96))
+    (root / "src" / "images").mkdir(parents=True)
+    with open(root / "src" / "t.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption", "label"])
+        for i, (png, cap, lab) in enumerate(zip(image_bytes(world), world["caption"], world["label"], strict=True)):
+            (root / "src" / "images" / f"{i:03d}.png").write_bytes(png)
+            w.writerow([f"images/{i:03d}.png", cap, lab])
+    names = root / "names.txt"
+    names.write_text("\n".join(load_pair_dataset(tiny_world).meta.classnames) + "\n")
+    import_dataset(root / "src" / "t.csv", root / "clean", "csv",
+                   {"storage": "copy", "label_column": "label", "classnames": str(names)})
+    poison_dataset(root / "clean", root / "p", [("badnet", {"count": 8})], seed=0)
+    return root / "p"
+
+
+def test_defend_streamed_gives_the_memory_scores(path_poisoned: Path, trained_run: Path, tmp_path: Path) -> None:
+    from otcbench.defenses.defend import DataOptions
+
+    kw = dict(defense="otcclip", checkpoint=trained_run, options={"top_k": 3}, batch_size=40, device="cpu",
+              show_progress=False)
+    mem = run_defend(path_poisoned, tmp_path / "mem", loading=DataOptions(data_mode="memory"), **kw)
+    # the CLI path, with worker processes for the whole-dataset embedding
+    res = invoke("defend", path_poisoned, tmp_path / "st", "--defense", "otcclip", "--checkpoint", trained_run,
+                 "--set", "top_k=3", "--set", "train.data_mode=stream", "--set", "train.num_workers=2",
+                 "--device", "cpu", "--batch-size", "40", "--json")
+    assert res.exit_code == 0, res.output
+    st = json.loads((tmp_path / "st" / REPORT).read_text())
+    assert (mem["data_mode"], st["data_mode"], st["num_workers"], st["bad_images"]) == ("memory", "stream", 2, 0)
+    a, b = pd.read_parquet(tmp_path / "mem" / PAIR_SCORES), pd.read_parquet(tmp_path / "st" / PAIR_SCORES)
+    pd.testing.assert_frame_equal(a, b)  # same pixels, same chunks: the same scores to the bit
+    assert mem["n"] == 104 and mem["detect_n_poison"] == 8
+    assert mem["detect_auroc_match"] == st["detect_auroc_match"]
+
+
+def test_defend_path_based_output_links_the_source(path_poisoned: Path, trained_run: Path, tmp_path: Path) -> None:
+    """Writing OUT reads no image: clean rows keep their paths under ``OUT/source`` (a relative link)."""
+    from otcbench.data.format import image_cells, images_to_tensor
+
+    out = tmp_path / "d"
+    report = run_defend(path_poisoned, out, defense="otcclip", checkpoint=trained_run, device="cpu",
+                        show_progress=False)
+    src, dst = load_pair_dataset(path_poisoned), load_pair_dataset(out)
+    assert (out / "source").is_symlink() and not Path(os.readlink(out / "source")).is_absolute()
+    cells, src_cells = image_cells(dst.ds), image_cells(src.ds)
+    for c, s in zip(cells, src_cells, strict=True):
+        if s["bytes"] is None:
+            assert c["bytes"] is None and c["path"] == f"source/{s['path']}"  # source/source/images/…
+        else:
+            assert c["bytes"] == s["bytes"]  # the poisoned rows' own images
+    assert torch.equal(images_to_tensor(dst.ds, root=dst.path), images_to_tensor(src.ds, root=src.path))
+    assert dst.meta.created_by["options"]["source_link"] == "source" and report["n"] == 104
+
+
+def test_defend_auto_streams_what_memory_would_not_hold(
+    path_poisoned: Path, trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from otcbench.train import data as train_data
+
+    monkeypatch.setattr(train_data, "MAX_IN_MEMORY_BYTES", 104 * 3 * 32 * 32 - 1)  # one byte short
+    report = run_defend(path_poisoned, tmp_path / "auto", defense="otcclip", checkpoint=trained_run,
+                        device="cpu", show_progress=False)
+    assert report["data_mode"] == "stream"
+    _one_line_error(invoke("defend", path_poisoned, tmp_path / "m", "--defense", "otcclip", "--checkpoint",
+                           trained_run, "--set", "train.data_mode=memory"), "too large to decode into memory")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--set", "train.lr=1e-3"], "--set train.lr does not apply"),
+        (["--set", "train.data_mode=disk"], "train.data_mode: Input should be"),
+        (["--set", "train.num_workers=-1"], "train.num_workers: Input should be greater than or equal to 0"),
+    ],
+)
+def test_defend_bad_train_set_is_one_line(
+    args: list[str], fragment: str, poisoned: Path, trained_run: Path, tmp_path: Path
+) -> None:
+    _one_line_error(invoke("defend", poisoned, tmp_path / "o", "--defense", "otcclip", "--checkpoint",
+                           trained_run, *args), fragment)
+    assert not (tmp_path / "o").exists()

@@ -11,9 +11,15 @@ a checkpoint, and writes OUT:
   ``keep``) and counted in ``defend.json`` — the dataset format stays the standard one.
 * ``pair_scores.parquet``: one line per row — ``row``, ``caption_row``, ``poison``, ``flagged``,
   ``repaired``, ``keep`` and every score of the step as ``score_<name>`` (higher = more likely clean).
-* ``defend.json``: what ran (defense, options, checkpoint, model, data), counts, the step's summary and,
-  when the dataset has poisoned rows, the detection metrics (``detect_*``, ``poison_repaired``,
-  ``clean_repaired``; one AUROC per score, side by side).
+* ``defend.json``: what ran (defense, options, checkpoint, model, data, how images were held), counts, the
+  step's summary and, when the dataset has poisoned rows, the detection metrics (``detect_*``,
+  ``poison_repaired``, ``clean_repaired``; one AUROC per score, side by side).
+
+Images are held as the trainer holds them (:func:`~otcbench.train.data.load_for_model`: ``data_mode``
+``auto``/``memory``/``stream``, ``num_workers``, ``max_bad_fraction`` — ``--set train.data_mode=stream``
+on the command line), so ``defend`` runs on datasets larger than memory and gives the same scores either
+way. A path-based source is never read whole to write OUT either: as ``poison`` does, OUT links to the
+source (``OUT/source``) and its rows keep their paths under the link.
 
 Everything is written atomically (one rename), and every bad input is a one-line error before the model
 runs.
@@ -23,24 +29,35 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import Field
 
 from otcbench import __version__
-from otcbench.data.format import build_pair_dataset, image_bytes, load_pair_dataset, save_pair_dataset
+from otcbench.attacks.poison import SOURCE_LINK
+from otcbench.config import Options, TrainConfig, validate
+from otcbench.data.format import (
+    build_pair_dataset,
+    has_image_paths,
+    image_cells,
+    load_pair_dataset,
+    save_pair_dataset,
+)
 from otcbench.defenses.base import DEFENSES, DataStepResult, Defense
 from otcbench.errors import UserError
 from otcbench.eval.detection import detection_metrics
 from otcbench.models import checkpoint_model_name, create_model, get_tokenizer, image_size
-from otcbench.train.data import TrainData, load_train_data
+from otcbench.train.data import DataMode, LoaderOptions, TrainData, load_for_model
 
-__all__ = ["PAIR_SCORES", "REPORT", "StandaloneContext", "data_step_defenses", "report_table", "run_defend"]
+__all__ = ["PAIR_SCORES", "REPORT", "DataOptions", "StandaloneContext", "data_options", "data_step_defenses",
+           "report_table", "run_defend"]
 
 PAIR_SCORES = "pair_scores.parquet"
 REPORT = "defend.json"
@@ -70,6 +87,36 @@ class StandaloneContext:
         return self.batch_size
 
 
+class DataOptions(Options):
+    """How ``defend`` holds the dataset's images: the ``train.*`` options of the same names."""
+
+    # the trainer's own fields (default, bounds, description): defend reads images exactly as train does
+    data_mode: Annotated[DataMode, TrainConfig.model_fields["data_mode"]]
+    num_workers: Annotated[int, TrainConfig.model_fields["num_workers"]]
+    max_bad_fraction: Annotated[float, TrainConfig.model_fields["max_bad_fraction"]]
+
+
+class _DefendSet(Options):
+    train: DataOptions = Field(default_factory=DataOptions)
+
+
+def data_options(train: dict[str, Any] | None) -> DataOptions:
+    """``DataOptions`` from the ``train`` section of ``defend --set train.KEY=VALUE`` overrides.
+
+    Only the keys that decide how images are read apply; any other ``train.*`` key (``train.lr``…) would be
+    silently meaningless for a step that trains nothing, so it is a one-line error.
+    """
+    train = train or {}
+    if not isinstance(train, dict):
+        raise UserError("--set train=...: use --set train.data_mode=stream, train.num_workers=N or "
+                        "train.max_bad_fraction=F")
+    other = sorted(set(train) - set(DataOptions.model_fields))
+    if other:
+        raise UserError(f"defend: --set train.{other[0]} does not apply (defend trains nothing); it reads "
+                        f"{', '.join('train.' + k for k in DataOptions.model_fields)}")
+    return validate(_DefendSet, {"train": train}, where="defend").train
+
+
 def data_step_defenses() -> list[str]:
     """Names of the registered defenses that implement a data-side step."""
     return [n for n in DEFENSES.names() if DEFENSES.get(n).data_step is not Defense.data_step]
@@ -92,6 +139,7 @@ def run_defend(
     model_name: str | None = None,
     batch_size: int = 512,
     device: str = "auto",
+    loading: DataOptions | None = None,
     show_progress: bool = True,
     command: str = "otcbench defend",
 ) -> dict[str, Any]:
@@ -106,6 +154,8 @@ def run_defend(
         model_name: architecture, when the checkpoint does not record it.
         batch_size: images per no-grad chunk for whole-dataset passes.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+        loading: how images are held (``data_mode``, ``num_workers``, ``max_bad_fraction``; the trainer's
+            defaults when None): in memory, or streamed for datasets larger than memory.
         show_progress: rich progress bars (also off when ``OTCBENCH_NO_PROGRESS`` is set).
         command: recorded as the dataset's provenance.
 
@@ -138,13 +188,18 @@ def run_defend(
     model.eval()
     tokenizer = get_tokenizer(name)
     side = image_size(model)[0]
-    td = load_train_data(src, tokenizer, image_size=None)
-    if td.images.shape[-1] > 4 * side:  # as the trainer: resize once rather than at every pass
-        td = load_train_data(src, tokenizer, image_size=side)
+    lo = loading or DataOptions()
+    # the trainer's choice (memory when it fits, else streamed), so a dataset it trains on defends too
+    td = load_for_model(src, tokenizer, side, lo.data_mode,
+                        LoaderOptions(num_workers=lo.num_workers, pin_memory=dev.type == "cuda",
+                                      max_bad_fraction=lo.max_bad_fraction))
     ctx = StandaloneContext(model=model, data=td, device=dev, caption_index=torch.arange(len(td)),
                             amp_dtype=autocast_dtype("auto", dev), batch_size=batch_size,
                             show_progress=show_progress)
-    result = d.data_step(ctx, None)
+    try:
+        result = d.data_step(ctx, None)
+    finally:
+        td.close()  # streaming threads and workers
     _check_result(result, len(td), defense)
 
     n = len(td)
@@ -160,6 +215,9 @@ def run_defend(
         "model": name,
         "data": str(src.path),
         "data_fingerprint": src.meta.fingerprint,
+        "data_mode": td.mode,
+        "num_workers": lo.num_workers,
+        "bad_images": td.n_bad_images,
         "n": n,
         "n_flagged": int(flagged.sum()),
         "n_repaired": int(repaired.sum()),
@@ -167,24 +225,36 @@ def run_defend(
         "scores": list(result.scores),
         "summary": result.summary,
     }
+    if td.n_bad_images:
+        report["bad_image_examples"] = td.bad_image_examples
     if any(poison):
         report.update(detection_metrics(flagged, result.scores or None, poison, caption_index=ci))
 
     captions = td.captions
     new_captions = [captions[int(j)] for j in ci]
-    ds = build_pair_dataset(image_bytes(src.ds, src.path), new_captions, list(src.ds["label"]), list(poison),
+    # Stored bytes stay bytes; a stored path is re-rooted under a link to the source (as poison does), so a
+    # path-based dataset of millions of images is never read to be written out.
+    linked = has_image_paths(src.ds)
+    images = [c["bytes"] if c["bytes"] is not None else f"{SOURCE_LINK}/{c['path']}" for c in image_cells(src.ds)]
+    ds = build_pair_dataset(images, new_captions, list(src.ds["label"]), list(poison),
                             list(src.ds["origin"]))
     meta = src.meta.model_copy(deep=True)
     meta.otcbench_version = __version__
     meta.created_by = {"command": command, "options": {"defense": defense, "defense_options": report["options"],
                                                        "checkpoint": str(ck.file), "model": name,
                                                        "source": str(src.path),
-                                                       "source_fingerprint": src.meta.fingerprint},
+                                                       "source_fingerprint": src.meta.fingerprint,
+                                                       "source_link": SOURCE_LINK if linked else None},
                        "seed": None}
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.parts-", dir=out.parent))
     try:
         extra: dict[str, Path] = {}
+        if linked:
+            # relative, so source and defended set can move together
+            os.symlink(os.path.relpath(src.path.resolve(), out.resolve()), staging / SOURCE_LINK,
+                       target_is_directory=True)
+            extra[SOURCE_LINK] = staging / SOURCE_LINK
         for sub in CARRIED_DIRS:
             if (src.path / sub).is_dir():
                 shutil.copytree(src.path / sub, staging / sub)
