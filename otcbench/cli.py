@@ -712,31 +712,31 @@ def bench_train(
     """Training throughput of each defense at one model and batch: step time, images/s, data-side time, epoch ratio.
 
     Every defense trains through the real trainer in its steady-state regime (e.g. matching from the first
-    epoch); --set NAME.key=value overrides a defense option.
+    epoch); --set NAME.key=value overrides a defense option, --set train.key=value / model.key=value a trainer
+    or model option for every defense (e.g. the streamed data path: --set train.data_mode=stream
+    --set train.num_workers=8).
 
     Examples: otcbench bench train --defense none --defense otcclip --model otc-rn-tiny;
-    otcbench bench train --model RN50 --batch-size 256 --device cuda --json
+    otcbench bench train --model RN50 --batch-size 256 --device cuda --set train.data_mode=stream
+    --set train.num_workers=8 --json
     """
-    from otcbench.bench.train_bench import run_train_bench
-    from otcbench.config import parse_override
+    from otcbench.bench.train_bench import run_train_bench, split_overrides
     from otcbench.defenses import DEFENSES
 
     _quiet_datasets()
     names = defense or sorted(DEFENSES.names())
     if amp not in ("auto", "bf16", "fp16", "none"):
         raise UserError(f"--amp {amp!r}: use auto, bf16, fp16 or none")
-    options: dict[str, dict[str, Any]] = {}
-    for item in set_ or []:
-        keys, value = parse_override(item)
-        if len(keys) != 2:
-            raise UserError(f"--set {item!r}: use DEFENSE.option=value, e.g. --set otcclip.alpha=0.5")
-        options.setdefault(keys[0], {})[keys[1]] = value
+    options, train_opts, model_opts = split_overrides(set_)
     rows = run_train_bench(names, model=model, batch_size=batch_size, steps_per_epoch=steps, epochs=epochs,
-                           data=data, device=device, amp=amp, options=options, threads=threads)
+                           data=data, device=device, amp=amp, options=options, threads=threads, train=train_opts,
+                           model_options=model_opts)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"bench train: {model}, batch {batch_size}, {rows[0]['device']} {rows[0]['amp']}")
+    r0 = rows[0]
+    streamed = f", streamed ({r0['num_workers']} workers)" if r0["data_mode"] == "stream" else ""
+    table = Table(title=f"bench train: {model}, batch {batch_size}, {r0['device']} {r0['amp']}{streamed}")
     for col in ("defense", "step ms", "images/s", "data-side s/epoch", "epoch s", "× none (epoch)", "× none (step)"):
         table.add_column(col, justify="left" if col == "defense" else "right")
     for r in rows:

@@ -39,3 +39,50 @@ def test_bench_train_cli_bad_set_is_one_line():
     res = CliRunner().invoke(app, ["bench", "train", "--defense", "none", "--set", "alpha=1"])
     assert res.exit_code == 2
     assert "use DEFENSE.option=value" in res.output and "Traceback" not in res.output
+
+
+def test_bench_train_cli_takes_train_options_streamed(tmp_path: Path):
+    """--set train.* reaches the trainer (here the streamed data path, one worker) and the rows say so."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from otcbench.cli import app
+
+    args = ["bench", "train", "--defense", "none", "--batch-size", "16", "--steps", "2", "--epochs", "1",
+            "--device", "cpu", "--threads", "1", "--json"]
+    res = CliRunner().invoke(app, [*args, "--set", "train.data_mode=stream", "--set", "train.num_workers=1",
+                                   "--set", "train.grad_accum=2"])
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads(res.stdout)
+    assert (row["data_mode"], row["num_workers"], row["steps_per_epoch"]) == ("stream", 1, 2)
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)[0]["data_mode"] == "memory"  # auto: the tiny world fits in memory
+
+
+@pytest.mark.parametrize(
+    ("item", "fragment"),
+    [
+        ("train.batch_size=8", "sets train.batch_size from --batch-size"),
+        ("train.data_mode=disk", "bench train: invalid options: train.data_mode: Input should be"),
+        ("train.nope=1", "train.nope: unknown key"),
+        ("model.name=RN50", "use --model"),
+        ("model.nope=1", "model.nope: unknown key"),
+        ("a.b.c=1", "use DEFENSE.option=value, train.option=value or model.option=value"),
+    ],
+)
+def test_bench_train_cli_bad_train_and_model_set_is_one_line(item: str, fragment: str):
+    from typer.testing import CliRunner
+
+    from otcbench.cli import app
+
+    res = CliRunner().invoke(app, ["bench", "train", "--defense", "none", "--set", item])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], res.stderr
+
+
+def test_bench_train_library_refuses_flag_keys_in_train(tmp_path: Path):
+    with pytest.raises(UserError, match=r"train.epochs is an argument of bench train \(--epochs\)"):
+        run_train_bench(["none"], train={"epochs": 3}, workdir=tmp_path)

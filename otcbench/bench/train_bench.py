@@ -12,7 +12,10 @@ device synchronisation, so GPU work is counted) and every data-side step (the de
   that time relative to the ``none`` defense's (the "otcclip epoch ≤ 1.3× a CLIP epoch" number).
 
 Defenses start in their steady-state regime where they declare one (``Defense.bench_options``: e.g.
-matching from the first epoch), overridable per defense with ``--set NAME.key=value``.
+matching from the first epoch), overridable per defense with ``--set NAME.key=value``. Any other trainer
+option goes through ``--set train.key=value`` (e.g. ``train.data_mode=stream``, ``train.num_workers=8``: the
+streamed data path) and ``--set model.init=CKPT``; options that have their own flag (``--batch-size``…) are
+taken only from the flag, so the rows always say what was measured.
 """
 
 from __future__ import annotations
@@ -25,9 +28,43 @@ from typing import Any
 
 import torch
 
-from otcbench.config import SynthConfig, TrainConfig, TrainJob
+from otcbench.config import SynthConfig, TrainJob, validate
 from otcbench.defenses import DEFENSES
 from otcbench.errors import UserError
+
+#: ``train.*`` keys the benchmark sets from its own arguments (flag name for the error message).
+FLAG_KEYS = {"epochs": "--epochs", "batch_size": "--batch-size", "device": "--device", "amp": "--amp",
+             "threads": "--threads"}
+
+
+def split_overrides(items: list[str] | None) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """``--set`` items → (defense options by defense, ``train.*`` overrides, ``model.*`` overrides).
+
+    ``NAME.key=value`` is an option of defense NAME; ``train.key=value`` and ``model.key=value`` go to the
+    trainer's options. Keys the benchmark takes from its own flags are refused with the flag to use.
+    """
+    from otcbench.config import parse_override
+
+    options: dict[str, dict[str, Any]] = {}
+    train: dict[str, Any] = {}
+    model: dict[str, Any] = {}
+    for item in items or []:
+        keys, value = parse_override(item)
+        if len(keys) != 2:
+            raise UserError(f"--set {item!r}: use DEFENSE.option=value, train.option=value or model.option=value, "
+                            "e.g. --set otcclip.alpha=0.5 --set train.data_mode=stream")
+        section, key = keys
+        if section == "train":
+            if key in FLAG_KEYS:
+                raise UserError(f"--set {item!r}: bench train sets train.{key} from {FLAG_KEYS[key]}; use that")
+            train[key] = value
+        elif section == "model":
+            if key == "name":
+                raise UserError(f"--set {item!r}: use --model")
+            model[key] = value
+        else:
+            options.setdefault(section, {})[key] = value
+    return options, train, model
 
 
 def _sync(device: torch.device) -> None:
@@ -48,19 +85,26 @@ def bench_defense(
     amp: str,
     options: dict[str, Any] | None = None,
     threads: int | None = None,
+    train: dict[str, Any] | None = None,
+    model_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train ``defense`` for ``epochs`` on ``data`` (run dir ``out``) and time its steps and data-side hooks."""
+    """Train ``defense`` for ``epochs`` on ``data`` (run dir ``out``) and time its steps and data-side hooks.
+
+    ``train`` / ``model_options``: further ``TrainConfig`` / ``ModelConfig`` fields (validated; one line on
+    a bad key or value).
+    """
     from otcbench.train.loop import Trainer
 
     cls = DEFENSES.get(defense)
     opts = {**getattr(cls, "bench_options", {}), **(options or {})}
-    job = TrainJob.model_validate({
+    train_cfg = {"log_every": 10**9, "save_every_epochs": 10**6, **(train or {}), "epochs": epochs,
+                 "batch_size": batch_size, "device": device, "amp": amp, "threads": threads}
+    job = validate(TrainJob, {
         "data": str(data),
-        "model": {"name": model},
-        "train": TrainConfig(epochs=epochs, batch_size=batch_size, device=device, amp=amp, threads=threads,
-                             log_every=10**9, save_every_epochs=10**6).model_dump(mode="json"),
+        "model": {**(model_options or {}), "name": model},
+        "train": train_cfg,
         "defense": {"name": defense, "options": opts},
-    })
+    }, where="bench train")
     step_times: list[float] = []
     epoch_times: list[float] = []
     data_side: list[float] = []
@@ -88,7 +132,7 @@ def bench_defense(
 
     epoch_start = [time.perf_counter()]
     trainer.defense.on_epoch_start = timed_epoch_start  # type: ignore[method-assign]
-    trainer.fit()
+    trainer.fit()  # closes its streaming workers itself
     _sync(trainer.device)
     epoch_times.append(time.perf_counter() - epoch_start[0])
     steady = step_times[warmup_steps:] or step_times
@@ -105,6 +149,8 @@ def bench_defense(
         "data_side_s": round(statistics.mean(data_side), 3) if data_side else 0.0,
         "epoch_s": round(epoch_times[-1], 3),
         "steps_per_epoch": trainer.steps_per_epoch,
+        "data_mode": trainer.data.mode,
+        "num_workers": job.train.num_workers,
         "options": opts,
     }
 
@@ -122,17 +168,30 @@ def run_train_bench(
     amp: str = "auto",
     options: dict[str, dict[str, Any]] | None = None,
     threads: int | None = None,
+    train: dict[str, Any] | None = None,
+    model_options: dict[str, Any] | None = None,
     workdir: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Benchmark each defense (``none`` first, as the reference of ``epoch_ratio``) on the same data."""
+    """Benchmark each defense (``none`` first, as the reference of ``epoch_ratio``) on the same data.
+
+    ``options`` are defense options by defense name; ``train`` and ``model_options`` further trainer and
+    model options for every defense (``{"data_mode": "stream", "num_workers": 8}``).
+    """
     from otcbench.models import create_model, image_size
 
     for d in defenses:
         DEFENSES.get(d)  # unknown names fail before any work
+    clash = set(train or {}) & set(FLAG_KEYS)
+    if clash:
+        raise UserError(f"train.{sorted(clash)[0]} is an argument of bench train ({FLAG_KEYS[sorted(clash)[0]]}), "
+                        "not a train option here")
     unknown = set(options or {}) - set(defenses)
     if unknown:
         raise UserError(f"options given for defenses not benchmarked: {', '.join(sorted(unknown))}; "
                         f"add them with --defense")
+    # bad train.* / model.* values fail here, before the world is drawn or any defense trains
+    validate(TrainJob, {"model": {**(model_options or {}), "name": model}, "train": train or {}},
+             where="bench train")
     order = (["none"] if "none" in defenses else []) + [d for d in defenses if d != "none"]
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         root = Path(tmp)
@@ -148,7 +207,8 @@ def run_train_bench(
         for d in order:
             rows.append(bench_defense(d, data, root / f"run-{d}", model=model, batch_size=batch_size,
                                       epochs=epochs, warmup_steps=warmup_steps, device=device, amp=amp,
-                                      options=(options or {}).get(d), threads=threads))
+                                      options=(options or {}).get(d), threads=threads, train=train,
+                                      model_options=model_options))
     ref = next((r for r in rows if r["defense"] == "none"), None)
     for r in rows:
         r["epoch_ratio"] = round(r["epoch_s"] / ref["epoch_s"], 3) if ref else None
