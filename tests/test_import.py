@@ -293,6 +293,45 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
     assert not out.exists() and leftovers(tmp_path) == []
 
 
+def test_issue7_bad_input_in_every_format_is_one_line(tmp_path: Path) -> None:
+    """Issue 7's bad-input list, format by format: an unknown format, a table without the needed columns,
+    an empty source — each one ``error:`` line, exit 2, nothing written."""
+    out = tmp_path / "out"
+    save_image(tmp_path / "a.png", pixels(0))
+
+    def fails(src: Path | str, fmt_name: str, *fragments: str) -> None:
+        one_line_error(invoke("data", "import", src, out, "--format", fmt_name), *fragments)
+
+    # unknown format, also from Python
+    fails(tmp_path / "a.png", "jpeg-folder", "unknown format 'jpeg-folder'", "known: coco, csv")
+    with pytest.raises(UserError, match="unknown format 'parquet'"):
+        import_dataset(tmp_path / "a.png", out, "parquet")
+    # tables without the needed columns, by their default names: the error lists the columns there are
+    (tmp_path / "other.csv").write_text("file,text\na.png,x\n")
+    fails(tmp_path / "other.csv", "csv", "no column 'image'", "columns: file, text", "--image-column")
+    (tmp_path / "nocap.csv").write_text("image\na.png\n")
+    fails(tmp_path / "nocap.csv", "csv", "no column 'caption'", "--caption-column")
+    (tmp_path / "other.tsv").write_text("file\ttext\na.png\tx\n")
+    fails(tmp_path / "other.tsv", "tsv", "no column 'image'", "--image-column")
+    (tmp_path / "nolabel.csv").write_text("image,caption\na.png,x\n")
+    fails(tmp_path / "nolabel.csv", "labelcsv", "no column 'label'", "columns: image, caption", "--label-column")
+    # empty sources
+    (tmp_path / "labels-header.csv").write_text("image,label\n")
+    fails(tmp_path / "labels-header.csv", "labelcsv", "no rows")
+    (tmp_path / "noshards").mkdir()
+    fails(tmp_path / "noshards", "webdataset", "holds no .tar shards")
+    tarfile.open(tmp_path / "empty.tar", "w").close()
+    fails(tmp_path / "empty.tar", "webdataset", "hold no samples")
+    (tmp_path / "coco.json").write_text(json.dumps({"images": [], "annotations": []}))
+    fails(tmp_path / "coco.json", "coco", "lists no images or no captions")
+    (tmp_path / "vg.json").write_text("[]")
+    fails(tmp_path / "vg.json", "vg", "not a Visual Genome region descriptions file", "non-empty list")
+    (tmp_path / "classes" / "cat").mkdir(parents=True)
+    (tmp_path / "classes" / "dog").mkdir()
+    fails(tmp_path / "classes", "imagefolder", "holds no images")
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
 def test_stored_paths_cannot_escape_the_dataset_root(tmp_path: Path) -> None:
     secret = save_image(tmp_path / "secret.png", pixels(0))
     for bad in ("../secret.png", str(secret)):
