@@ -735,7 +735,8 @@ def bench_train(
         typer.echo(json.dumps(rows, indent=2))
         return
     r0 = rows[0]
-    streamed = f", streamed ({r0['num_workers']} workers)" if r0["data_mode"] == "stream" else ""
+    nw = r0["num_workers"]
+    streamed = f", streamed ({nw} worker{'' if nw == 1 else 's'})" if r0["data_mode"] == "stream" else ""
     table = Table(title=f"bench train: {model}, batch {batch_size}, {r0['device']} {r0['amp']}{streamed}")
     for col in ("defense", "step ms", "images/s", "data-side s/epoch", "epoch s", "× none (epoch)", "× none (step)"):
         table.add_column(col, justify="left" if col == "defense" else "right")
