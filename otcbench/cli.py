@@ -396,7 +396,9 @@ def defend_cmd(
     out: Annotated[Path, typer.Argument(help="New directory: re-paired dataset + pair_scores.parquet + defend.json.")],
     defense: Annotated[str, typer.Option("--defense", help="A defense with a data-side step (otcclip, …).")],
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Run directory or checkpoint file.")],
-    set_: SetOpt = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="A defense option (--set top_k=10), or how images are read: train.data_mode, "
+        "train.num_workers, train.max_bad_fraction (repeatable).")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Model name if the checkpoint lacks it.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per no-grad chunk.")] = 512,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
