@@ -67,7 +67,8 @@ def _quiet_datasets() -> None:
 
 
 def _progress_enabled(no_progress: bool) -> bool:
-    return not no_progress and os.environ.get("OTCBENCH_NO_PROGRESS", "") == ""
+    """Bars only on a terminal: in a log file or pipe a bar's last frame would sit before an error line."""
+    return not no_progress and os.environ.get("OTCBENCH_NO_PROGRESS", "") == "" and err_console.is_terminal
 
 
 # --------------------------------------------------------------------------------------------------

@@ -143,6 +143,14 @@ def test_bad_images_past_threshold_is_one_line_and_writes_nothing(tmp_path: Path
         import_dataset(src, tmp_path / "no", "csv", {"max_bad_fraction": 0.07})
 
 
+def test_error_after_progress_started_is_still_one_line_in_a_log(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without OTCBENCH_NO_PROGRESS, stderr to a file/pipe: no bar frame lands before the error line."""
+    monkeypatch.delenv("OTCBENCH_NO_PROGRESS", raising=False)
+    src = make_csv(tmp_path / "cc3m", 24, missing=1, broken=1)
+    one_line_error(invoke("data", "import", src, tmp_path / "out", "--format", "csv"), "2 of 26 images")
+
+
 def test_threshold_stops_early_when_it_cannot_be_met(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "src"
     lines = ["image,caption"] + [f"images/none{i}.png,cap {i}" for i in range(600)]
@@ -329,6 +337,9 @@ def test_issue7_bad_input_in_every_format_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "classes" / "cat").mkdir(parents=True)
     (tmp_path / "classes" / "dog").mkdir()
     fails(tmp_path / "classes", "imagefolder", "holds no images")
+    # a zero-row save_to_disk directory (datasets itself cannot load it back: IndexError)
+    datasets.Dataset.from_dict({"image": [], "caption": []}).save_to_disk(str(tmp_path / "emptyhf"))
+    fails(tmp_path / "emptyhf", "hf", "is a Hugging Face dataset with no rows")
     assert not out.exists() and leftovers(tmp_path) == []
 
 

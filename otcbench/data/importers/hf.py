@@ -53,6 +53,9 @@ class HfImporter(Importer):
             try:
                 ds: Any = datasets.load_from_disk(str(p))
             except Exception as err:  # datasets raises several types for a directory it cannot read
+                if (p / "state.json").exists() and not any(p.glob("*.arrow")):
+                    # datasets saves a zero-row dataset without shards and then cannot load it (IndexError)
+                    raise UserError(f"{p} is a Hugging Face dataset with no rows; nothing to import") from None
                 raise UserError(f"{p} is not a Hugging Face dataset saved with save_to_disk "
                                 f"({type(err).__name__})") from None
             root: Path | None = p
