@@ -280,3 +280,16 @@ def test_parallel_jobs_give_the_same_results_in_dependency_order(tmp_path: Path)
     assert serial.table_md == parallel.table_md
     with pytest.raises(UserError, match="--jobs 0"):
         execute_plan(plan_recipe(load_recipe(path)[0], tmp_path / "x"), jobs=0)
+
+
+def test_parallel_runs_start_parents_then_the_longest_first(tmp_path: Path) -> None:
+    from otcbench.bench.runner import _start_priority
+
+    path = recipe_file(tmp_path, attacks=["none"], defenses=[
+        {"name": "none", "label": "short", "train": {"epochs": 1}},
+        {"name": "none", "label": "ft", "init_from": "none", "train": {"epochs": 1}},
+        "none", "otcclip"], train={**TRAIN, "epochs": 2})
+    plan = plan_recipe(load_recipe(path)[0], tmp_path / "out")
+    order = sorted(plan.runs, key=lambda r: _start_priority(r, plan.runs), reverse=True)
+    # `none` is started from by `ft`: first; then otcclip (costlier per epoch than plain CLIP); then by epochs
+    assert [r.defense.label for r in order] == ["none", "otcclip", "short", "ft"]

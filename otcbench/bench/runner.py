@@ -595,6 +595,19 @@ def execute_plan(
     return RunResult(plan, ordered, plan.out / "summary.csv", table)
 
 
+def _start_priority(run: RunSpec, runs: list[RunSpec]) -> tuple[bool, float]:
+    """Longest-first order for parallel runs: runs others start from, then by estimated cost.
+
+    Cost is epochs × the defense's ``relative_cost``; starting long runs first shortens the whole grid
+    (a 6-run quickstart on two workers: ~3.3 instead of ~3.5 plain-CLIP run times).
+    """
+    from otcbench.defenses import DEFENSES
+
+    is_parent = any(r.parent == run.run_id for r in runs)
+    cls = DEFENSES.get(run.defense.spec.name)
+    return is_parent, run.job.train.epochs * float(getattr(cls, "relative_cost", 1.0))
+
+
 def _execute_parallel(plan: Plan, pending: list[RunSpec], jobs: int, outcomes: dict[str, Outcome],
                       failed_parent: Callable[[RunSpec], Outcome | None], finish: Callable[[Outcome], None],
                       status: Callable[[str], None]) -> None:
@@ -605,7 +618,7 @@ def _execute_parallel(plan: Plan, pending: list[RunSpec], jobs: int, outcomes: d
     from concurrent.futures.process import BrokenProcessPool
 
     share = max(1, (os.cpu_count() or 1) // jobs)
-    waiting = list(pending)
+    waiting = sorted(pending, key=lambda r: _start_priority(r, pending), reverse=True)
     running: dict[Future, RunSpec] = {}
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init) as pool:

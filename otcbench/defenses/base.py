@@ -70,6 +70,9 @@ class Defense:
 
     name: ClassVar[str]
     Options: ClassVar[type[Options]] = Options
+    #: Rough wall-clock cost of one epoch relative to plain CLIP on the same data; the recipe runner only uses
+    #: it to start the longest runs first when it trains several at once.
+    relative_cost: ClassVar[float] = 1.0
 
     def __init__(self, options: Options) -> None:
         self.options = options

@@ -112,6 +112,7 @@ class CleanCLIP(Defense):
     """Fine-tuning defense: CLIP + in-modality contrastive terms on clean data, from a poisoned checkpoint."""
 
     Options = CleanCLIPOptions
+    relative_cost = 0.4  # 2,000 clean pairs with two views each, per epoch of a 10k-pair DATA
     options: CleanCLIPOptions
 
     def __init__(self, options: CleanCLIPOptions) -> None:
