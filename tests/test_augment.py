@@ -7,6 +7,9 @@ import torch
 
 from otcbench.config import validate
 from otcbench.data.augment import (
+    PUBLISHED,
+    SMALL,
+    SMALL_SIDE,
     ImageAugOptions,
     _blur,
     _crop_boxes,
@@ -121,6 +124,65 @@ def test_bad_input_and_options() -> None:
         validate(ImageAugOptions, {"flip_p": 2}, where="aug")
     with pytest.raises(UserError, match="unknown key"):
         validate(ImageAugOptions, {"flop": 1}, where="aug")
+
+
+def _values(o: ImageAugOptions) -> dict:
+    return {k: getattr(o, k) for k in PUBLISHED}
+
+
+def test_published_preset_is_the_official_pipeline() -> None:
+    assert PUBLISHED == {"flip_p": 0.5, "crop_scale": (0.08, 1.0), "crop_ratio": (3 / 4, 4 / 3), "jitter_p": 0.8,
+                         "brightness": 0.5, "contrast": 0.5, "saturation": 0.5, "hue": 0.1, "grayscale_p": 0.2,
+                         "blur_p": 1.0, "blur_sigma": (0.1, 2.0), "blur_kernel": 21}
+
+
+@pytest.mark.parametrize(("side", "preset"), [(32, "small"), (SMALL_SIDE, "small"), (SMALL_SIDE + 1, "published"),
+                                              (224, "published")])
+def test_auto_preset_follows_the_image_side(side: int, preset: str) -> None:
+    o = ImageAugOptions().resolve(side)
+    assert o.preset == preset and _values(o) == {"small": SMALL, "published": PUBLISHED}[preset]
+
+
+def test_small_preset_keeps_every_step_only_milder() -> None:
+    # the mechanism stays the published one: every step still happens, none is stronger than published
+    for k in ("flip_p", "jitter_p", "brightness", "contrast", "saturation", "hue", "grayscale_p", "blur_p"):
+        assert 0 < SMALL[k] <= PUBLISHED[k], k
+    assert PUBLISHED["crop_scale"][0] <= SMALL["crop_scale"][0] < SMALL["crop_scale"][1] == 1.0
+    assert SMALL["crop_ratio"] == PUBLISHED["crop_ratio"] and SMALL["blur_kernel"] == PUBLISHED["blur_kernel"]
+
+
+def test_explicit_options_and_a_forced_preset_win_over_the_rule() -> None:
+    o = ImageAugOptions(grayscale_p=0.3, crop_scale=(0.5, 1.0)).resolve(32)
+    assert o.grayscale_p == 0.3 and o.crop_scale == (0.5, 1.0) and o.hue == SMALL["hue"]
+    assert _values(ImageAugOptions(preset="published").resolve(32)) == PUBLISHED
+    assert _values(ImageAugOptions(preset="small").resolve(224)) == SMALL
+    assert validate(ImageAugOptions, {"preset": "published", "hue": 0.05}, where="aug").resolve(32).hue == 0.05
+
+
+def test_augment_images_applies_the_side_rule() -> None:
+    # the default options at 32 px are exactly the small preset; at 96 px exactly the published one
+    for side, values in ((32, SMALL), (96, PUBLISHED)):
+        x = images(8, side)
+        assert torch.equal(augment_images(x, gen(2)), augment_images(x, gen(2), ImageAugOptions(**values)))
+    x = images(8)
+    assert not torch.equal(augment_images(x, gen(2)), augment_images(x, gen(2), ImageAugOptions(preset="published")))
+
+
+def test_jitter_and_blur_ops_match_torchvision() -> None:
+    import torchvision.transforms.functional as TF
+
+    x = images(4).float() / 255
+    f = torch.tensor([0.6, 0.9, 1.2, 1.5])
+    for op, fn in ((0, TF.adjust_brightness), (1, TF.adjust_contrast), (2, TF.adjust_saturation)):
+        ref = torch.stack([fn(x[i], float(f[i])) for i in range(4)])
+        assert torch.allclose(_jitter_op(x.clone(), op, f), ref, atol=1e-4), op
+    h = torch.tensor([-0.1, -0.05, 0.05, 0.1])
+    ref = torch.stack([TF.adjust_hue(x[i], float(h[i])) for i in range(4)])
+    assert torch.allclose(_jitter_op(x.clone(), 3, h), ref, atol=1e-4)
+    big = torch.rand(2, 3, 224, 224, generator=gen(0))
+    o = ImageAugOptions(blur_sigma=(2.0, 2.0), blur_p=1.0)
+    assert torch.allclose(_blur(big, o, gen(0), torch.device("cpu")), TF.gaussian_blur(big, [21, 21], [2.0, 2.0]),
+                          atol=1e-5)
 
 
 def test_autoaugment_is_deterministic_and_leaves_the_global_rng_alone() -> None:
