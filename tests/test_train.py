@@ -461,3 +461,27 @@ def test_cosine_lr_without_warmup() -> None:
     assert cosine_lr(2, 1.0, 0, 4) == pytest.approx(0.5)
     assert cosine_lr(4, 1.0, 0, 4) == pytest.approx(0.0, abs=1e-15)
     assert cosine_lr(0, 1.0, 0, 1) == pytest.approx(1.0)  # a one-step run trains at the base rate
+
+
+def test_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from otcbench.train import checkpoint
+
+    path = tmp_path / "ck" / "last.pt"
+    checkpoint.atomic_torch_save({"epoch": 1}, path)
+
+    def full(obj: object, f: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(UserError, match="no space left on the device.*--resume"):
+        checkpoint.atomic_torch_save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["epoch"] == 1 and sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
+    # any other write error is not disguised as a full disk
+    monkeypatch.setattr(checkpoint.torch, "save", lambda obj, f: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        checkpoint.atomic_torch_save({"epoch": 3}, path)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,16 +14,26 @@ from typing import Any
 import torch
 
 import otcbench
+from otcbench.errors import UserError
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """Write ``obj`` with torch.save to a temp file then rename: a crash never leaves a torn file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as err:
+        tmp.unlink(missing_ok=True)
+        # torch's zip writer reports a full disk as a RuntimeError ("unexpected pos"), so ask the disk
+        free = shutil.disk_usage(path.parent).free
+        if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or free < 64 * 1024**2:
+            raise UserError(f"could not write {path}: no space left on the device ({free / 1024**2:.0f} MB free); "
+                            "free some space and continue with --resume (the previous checkpoint is intact)") from None
+        raise
     os.replace(tmp, path)
 
 
