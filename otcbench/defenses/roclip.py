@@ -48,7 +48,8 @@ class RoCLIPOptions(Options):
     warmup_epochs: int = Field(
         0, ge=0,
         description="plain CLIP epochs before matching may start (official 0: its first matching epoch comes after a "
-        "full epoch of 1M pairs; at the quickstart's 82-step epochs see docs/baselines.md, 4 was tried)",
+        "full epoch of 1M pairs). Quickstart (8 epochs of ~80 steps): 4 -- with 0 or 2 the plain epoch after the first "
+        "match collapses the text tower (docs/baselines.md, 'Augmentation at 32 px')",
     )
     pool_update: Literal["matching", "always"] = Field(
         "matching", description="when captions enter the pool: only in matching epochs (official) or every epoch"
