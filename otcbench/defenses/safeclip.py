@@ -111,7 +111,11 @@ class SafeCLIPOptions(Options):
         5, ge=0, description="phase A epochs of unimodal warm-up (official 5 of 32; the quickstart's 8 epochs use 2)"
     )
     slow_epochs: int = Field(1, ge=0, description="phase B epochs of CLIP at slow_lr_factor x lr (official 1)")
-    slow_lr_factor: float = Field(0.01, gt=0, description="phase B learning rate / base (official 5e-6 / 5e-4)")
+    slow_lr_factor: float = Field(
+        0.01, gt=0,
+        description="phase B learning rate / base (official 5e-6 / 5e-4; at the quickstart's 8 epochs neither 0.01, "
+        "0.2 nor 1.0 makes SafeCLIP learn: docs/baselines.md, 'Augmentation at 32 px')",
+    )
     threshold: float = Field(0.9, ge=0, le=1, description="first phase-C epoch: safe = P(clean) >= threshold")
     ratio_step: float = Field(0.01, ge=0, le=1, description="safe ratio increase per later phase-C epoch")
     ratio_cap: float = Field(0.85, ge=0, le=1, description="largest safe ratio")
