@@ -71,6 +71,7 @@ class RoCLIP(Defense):
     """Robust CLIP pre-training by matching images to their nearest pool caption every few epochs."""
 
     Options = RoCLIPOptions
+    relative_cost = 1.1  # augmented views and EDA captions; matching epochs re-embed the pool
     options: RoCLIPOptions
 
     def __init__(self, options: RoCLIPOptions) -> None:

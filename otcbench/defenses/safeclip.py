@@ -142,6 +142,7 @@ class SafeCLIP(Defense):
     """Unimodal warm-up, a slow CLIP epoch, then CLIP on GMM-selected safe pairs and unimodal on the rest."""
 
     Options = SafeCLIPOptions
+    relative_cost = 1.6  # unimodal losses on two views of the risky pairs (measured ~1.6-2x)
     options: SafeCLIPOptions
 
     def __init__(self, options: SafeCLIPOptions) -> None:
