@@ -151,3 +151,16 @@ def test_bad_summary_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "summary.csv").write_text("a,b\n1,2\n")
     with pytest.raises(UserError, match=r"lacks the columns run_id, attack"):
         read_summary(tmp_path)
+
+
+def test_a_collapsed_model_is_marked_and_never_wins_an_asr_column(tmp_path: Path) -> None:
+    """12 classes: zero-shot below 2/12 means the model recognises nothing; its 0 % ASR is not a defense."""
+    rows = [row("n0", "badnet", "none", 0, zeroshot_top1=0.90, asr_backdoor=0.80, n_classes=12),
+            row("r0", "badnet", "roclip", 0, zeroshot_top1=0.09, asr_backdoor=0.00, n_classes=12),
+            row("o0", "badnet", "otcclip", 0, zeroshot_top1=0.88, asr_backdoor=0.05, n_classes=12)]
+    df = pd.DataFrame(rows, columns=HEAD + META + ["zeroshot_top1", "asr_backdoor", "n_classes"])
+    lines = markdown_table(df).splitlines()
+    assert lines[2] == "| badnet | none | 1/1 | **90.0** | 80.0 |"
+    assert lines[3] == "| badnet | roclip † | 1/1 | 9.0 | 0.0 |"
+    assert lines[4] == "| badnet | otcclip | 1/1 | 88.0 | **5.0** |"
+    assert "† zero-shot below twice chance" in markdown_table(df)

@@ -196,11 +196,31 @@ def _fmt(mean: float, std: float, pct: bool, pm: str) -> str:
     return text + (f" {pm} {std:.2g}" if not math.isnan(std) else "")
 
 
-def _best(agg: pd.DataFrame, metric: str) -> set[int]:
-    """Row positions holding the best mean of ``metric`` within their attack (ties all win)."""
+def collapsed_rows(agg: pd.DataFrame, df: pd.DataFrame) -> set[int]:
+    """Rows whose mean clean zero-shot top-1 is below twice chance (1 / ``n_classes``).
+
+    Such a model recognises no class, the target included, so its low attack success is not a defense:
+    those rows are marked and never win a lower-is-better (ASR) column.
+    """
+    if "zeroshot_top1_mean" not in agg or "n_classes" not in df:
+        return set()
+    n_classes = pd.to_numeric(df["n_classes"], errors="coerce").dropna()
+    if not len(n_classes):
+        return set()
+    floor = 2.0 / float(n_classes.max())
+    return {int(i) for i, v in agg["zeroshot_top1_mean"].items() if not math.isnan(v) and v < floor}
+
+
+def _best(agg: pd.DataFrame, metric: str, excluded: set[int] = frozenset()) -> set[int]:  # type: ignore[assignment]
+    """Row positions holding the best mean of ``metric`` within their attack (ties all win).
+
+    Rows in ``excluded`` (collapsed models) do not compete for lower-is-better metrics.
+    """
     best: set[int] = set()
     for _, g in agg.groupby("attack", sort=False):
         vals = g[f"{metric}_mean"].dropna()
+        if lower_is_better(metric):
+            vals = vals[[i not in excluded for i in vals.index]]
         if len(vals) < 2:
             continue
         target = vals.min() if lower_is_better(metric) else vals.max()
@@ -218,10 +238,11 @@ def _cells(df: pd.DataFrame, pm: str, bold: tuple[str, str]) -> tuple[list[str],
         unit = " (%)" if _is_fraction(df, m) else ""
         header.append(f"{name}{unit} {'↓' if lower_is_better(m) else '↑'}")
     body = []
-    bests = {m: _best(agg, m) for m in metrics}
+    collapsed = collapsed_rows(agg, df)
+    bests = {m: _best(agg, m, collapsed) for m in metrics}
     for i, r in agg.iterrows():
         seeds = f"{r['n_done']}/{r['n_runs']}" + (f" ({r['n_failed']} failed)" if r["n_failed"] else "")
-        cells = [str(r["attack"]), str(r["defense"]), seeds]
+        cells = [str(r["attack"]), str(r["defense"]) + (" †" if i in collapsed else ""), seeds]
         for m in metrics:
             text = _fmt(r[f"{m}_mean"], r[f"{m}_std"], _is_fraction(df, m), pm)
             if i in bests[m]:
@@ -232,7 +253,8 @@ def _cells(df: pd.DataFrame, pm: str, bold: tuple[str, str]) -> tuple[list[str],
 
 
 NOTE = ("mean ± sample std over seeds, in %; seeds = finished/planned runs; best per attack in bold "
-        "(↓ lower is better, ↑ higher is better)")
+        "(↓ lower is better, ↑ higher is better); † zero-shot below twice chance: a collapsed model, its ASRs "
+        "are not ranked")
 
 
 def markdown_table(df: pd.DataFrame, title: str = "") -> str:
