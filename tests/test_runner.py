@@ -6,6 +6,7 @@ Every run trains otc-rn-nano for one epoch of 6 steps on a 384-pair world, so a 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,8 @@ def test_grid_outputs_dependencies_and_cache(tmp_path: Path, count_fits: list[Pa
 
     assert (out / "results.json").is_file() and yaml.safe_load((out / "recipe.yaml").read_text())["name"] == "tiny"
     table = (out / "table.md").read_text()
-    assert table == res.table_md and "| badnet | ft | 1/1 |" in table and "ASR backdoor (%) ↓" in table
+    assert table == res.table_md and "ASR backdoor (%) ↓" in table
+    assert re.search(r"\| badnet \| ft( †)? \| 1/1 \|", table)  # † when the 1-epoch model is at chance
     assert (out / "table.tex").read_text().startswith("% tiny")
     for png in ("asr_vs_accuracy.png", "curves.png"):
         assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -213,7 +215,7 @@ def test_failed_run_is_recorded_and_the_grid_goes_on(tmp_path: Path, monkeypatch
     assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
     assert "Traceback" in (run_dir / "error.log").read_text()
     table = (out / "table.md").read_text()
-    assert "| clean | explode | 0/1 (1 failed) |" in table and "- failed: clean × explode" in table
+    assert re.search(r"\| clean \| explode( †)? \| 0/1 \(1 failed\) \|", table) and "- failed: clean × explode" in table
     assert "FAILED" in r.output and "1 trained" in r.output
 
     # a fixed option gives a new run id; with --resume the old failure is not in the grid any more
@@ -229,7 +231,7 @@ def test_cli_run_prints_the_table_and_rejects_bad_recipes(tmp_path: Path, tiny_w
     out = tmp_path / "res"
     r = cli.invoke(app, ["run", str(path), "--out", str(out), "--no-plots"])
     assert r.exit_code == 0, r.output
-    assert "| clean | none | 1/1 |" in r.output and "1 runs (1 trained)" in r.output
+    assert re.search(r"\| clean \| none( †)? \| 1/1 \|", r.output) and "1 runs (1 trained)" in r.output
     assert not (out / "data").exists()  # nothing copied
     r = cli.invoke(app, ["run", str(path), "--out", str(out), "--no-plots"])
     assert r.exit_code == 0 and "1 runs (1 cached)" in r.output
