@@ -142,7 +142,7 @@ class SafeCLIP(Defense):
     """Unimodal warm-up, a slow CLIP epoch, then CLIP on GMM-selected safe pairs and unimodal on the rest."""
 
     Options = SafeCLIPOptions
-    relative_cost = 1.6  # unimodal losses on two views of the risky pairs (measured ~1.6-2x)
+    relative_cost = 2.3  # unimodal losses on two views of the risky pairs (quickstart, idle: 554 s vs 238 s)
     options: SafeCLIPOptions
 
     def __init__(self, options: SafeCLIPOptions) -> None:
