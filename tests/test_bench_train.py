@@ -86,3 +86,13 @@ def test_bench_train_cli_bad_train_and_model_set_is_one_line(item: str, fragment
 def test_bench_train_library_refuses_flag_keys_in_train(tmp_path: Path):
     with pytest.raises(UserError, match=r"train.epochs is an argument of bench train \(--epochs\)"):
         run_train_bench(["none"], train={"epochs": 3}, workdir=tmp_path)
+
+
+def test_bench_train_times_otcclip_in_its_steady_state(tmp_path: Path):
+    """OTCCLIP's bench_options start matching in epoch 0, so the data-side step is timed in a 1-epoch bench
+    (its default warm-up of one plain epoch would leave nothing to time); --set still overrides it."""
+    kw = dict(model="otc-rn-nano", batch_size=16, steps_per_epoch=2, epochs=1, warmup_steps=0, device="cpu",
+              threads=1, workdir=tmp_path)
+    (steady,) = run_train_bench(["otcclip"], **kw)
+    (warm,) = run_train_bench(["otcclip"], options={"otcclip": {"warmup_epochs": 1}}, **kw)
+    assert steady["data_side_s"] > 10 * warm["data_side_s"], (steady["data_side_s"], warm["data_side_s"])
