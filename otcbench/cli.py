@@ -145,8 +145,9 @@ def data_show(
 def data_import(
     src: Annotated[str, typer.Argument(help="Source: a file, a directory, a shard pattern or a hub name.")],
     out: Annotated[Path, typer.Argument(help="Output directory (must not exist).")],
-    fmt: Annotated[str, typer.Option("--format", "-f", help="csv, tsv, coco, vg, webdataset, hf (pair datasets); "
-                                     "imagefolder, labelcsv (eval sets). See `otcbench list formats`.")],
+    fmt: Annotated[str | None, typer.Option("--format", "-f", help="csv, tsv, coco, vg, webdataset, hf (pair "
+                                            "datasets); imagefolder, labelcsv (eval sets). See `otcbench list formats`."
+                                            )] = None,
     image_column: Annotated[str | None, typer.Option("--image-column", help="Column of images/paths.")] = None,
     caption_column: Annotated[str | None, typer.Option("--caption-column", help="Column of captions.")] = None,
     label_column: Annotated[str | None, typer.Option("--label-column", help="Column of labels.")] = None,
@@ -193,6 +194,10 @@ def data_import(
     from otcbench.data.importers import import_dataset
 
     _quiet_datasets()
+    if fmt is None:  # required, but a missing option should be one line, not click's usage box
+        from otcbench.data.importers import IMPORTERS
+
+        raise UserError(f"--format is required: one of {', '.join(IMPORTERS.names())} (`otcbench list formats`)")
     flags = [name for name, on in (("--bytes", as_bytes), ("--copy-images", copy_images),
                                    ("--link-images", link_images)) if on]
     if len(flags) > 1:

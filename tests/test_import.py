@@ -310,6 +310,8 @@ def test_issue7_bad_input_in_every_format_is_one_line(tmp_path: Path) -> None:
     def fails(src: Path | str, fmt_name: str, *fragments: str) -> None:
         one_line_error(invoke("data", "import", src, out, "--format", fmt_name), *fragments)
 
+    # no format at all: one line naming the formats, not click's usage box
+    one_line_error(invoke("data", "import", tmp_path / "a.png", out), "--format is required", "csv", "webdataset")
     # unknown format, also from Python
     fails(tmp_path / "a.png", "jpeg-folder", "unknown format 'jpeg-folder'", "known: coco, csv")
     with pytest.raises(UserError, match="unknown format 'parquet'"):
