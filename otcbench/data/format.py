@@ -388,6 +388,21 @@ def decode_image(item: Any, root: Path | None = None) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
+def resize_centre_crop(img: Image.Image, size: int) -> Image.Image:
+    """``img`` as ``size``×``size``: shorter side resized to ``size`` (bicubic), then centre-cropped.
+
+    CLIP's evaluation transform; the importers' ``--image-size`` and the streamed training images both use
+    it. A square image is a plain bicubic resize (the pixels ``images_to_tensor(size=...)`` gives).
+    """
+    if img.size == (size, size):
+        return img
+    scale = size / min(img.size)
+    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+    img = img.resize((w, h), Image.BICUBIC)
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
 def read_image_cell(item: dict[str, Any], root: Path | None = None) -> bytes:
     """The encoded bytes of one raw ``image`` cell: its stored bytes, or the file its path names."""
     if item["bytes"] is not None:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from otcbench.data.format import decode_image
+from otcbench.data.format import decode_image, resize_centre_crop
 from otcbench.errors import UserError
 
 #: Batches each worker decodes ahead of the one training now.
@@ -34,22 +34,10 @@ BAD_EXAMPLES = 5
 
 
 def fit_square(a: np.ndarray, side: int) -> np.ndarray:
-    """``a`` (HxWx3 uint8) as ``side``×``side``: shorter side resized to ``side`` (bicubic), then centre-cropped.
-
-    CLIP's evaluation transform, and the importers' ``--image-size``; for a square image it is a plain
-    bicubic resize, the very pixels ``format.images_to_tensor(size=side)`` gives.
-    """
-    h, w = a.shape[:2]
-    if (h, w) == (side, side):
+    """``a`` (HxWx3 uint8) as ``side``×``side`` by :func:`otcbench.data.format.resize_centre_crop`."""
+    if a.shape[:2] == (side, side):
         return a
-    img = Image.fromarray(a)
-    if h == w:
-        return np.asarray(img.resize((side, side), Image.BICUBIC))
-    scale = side / min(w, h)
-    nw, nh = max(side, round(w * scale)), max(side, round(h * scale))
-    img = img.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - side) // 2, (nh - side) // 2
-    return np.asarray(img.crop((left, top, left + side, top + side)))
+    return np.asarray(resize_centre_crop(Image.fromarray(a), side))
 
 
 class StreamImages:

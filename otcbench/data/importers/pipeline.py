@@ -31,7 +31,14 @@ from datasets.arrow_writer import ArrowWriter
 from PIL import Image
 
 from otcbench import __version__
-from otcbench.data.format import PAIR_FEATURES, DatasetMeta, build_pair_dataset, load_eval_set, save_eval_set
+from otcbench.data.format import (
+    PAIR_FEATURES,
+    DatasetMeta,
+    build_pair_dataset,
+    load_eval_set,
+    resize_centre_crop,
+    save_eval_set,
+)
 from otcbench.data.format import save_pair_dataset as _save_pairs
 from otcbench.data.importers.base import (
     IMAGE_PROBLEMS,
@@ -108,12 +115,8 @@ def _transform(img: Image.Image, crop: tuple[int, int, int, int] | None, size: i
         if x1 - x0 < 1 or y1 - y0 < 1:
             raise _BadRegion(f"region {crop} lies outside the {img.width}x{img.height} image")
         img = img.crop((x0, y0, x1, y1))
-    if size is not None and img.size != (size, size):
-        scale = size / min(img.size)
-        w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
-        img = img.resize((w, h), Image.BICUBIC)
-        left, top = (w - size) // 2, (h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
+    if size is not None:
+        img = resize_centre_crop(img, size)
     return img
 
 
