@@ -48,6 +48,11 @@ class ModelConfig(Options):
     init: str | None = Field(None, description="local checkpoint to start from (default: random init)")
 
 
+#: ``train`` options that change how a run executes, never what it computes: a run resumes across a change of
+#: them, and the recipe runner leaves them out of run ids.
+RESULT_NEUTRAL_TRAIN_KEYS = ("device", "threads", "num_workers", "data_mode", "max_bad_fraction", "log_every")
+
+
 class TrainConfig(Options):
     """The training loop."""
 

@@ -36,12 +36,11 @@ from rich.console import Console
 
 from otcbench import __version__
 from otcbench.bench.recipe import ExpandedAttack, ExpandedDefense, Recipe, dump_recipe, expand_attacks, expand_defenses
-from otcbench.config import EvalConfig, ModelConfig, TrainConfig, TrainJob, validate
+from otcbench.config import RESULT_NEUTRAL_TRAIN_KEYS, EvalConfig, ModelConfig, TrainConfig, TrainJob, validate
 from otcbench.errors import UserError
 
 #: Train/eval options that do not change results: left out of run ids (as the trainer's resume check does).
-HASH_IGNORED_TRAIN = ("device", "threads", "num_workers", "data_mode", "max_bad_fraction", "log_every",
-                      "save_every_epochs", "checkpoint_every_steps")
+HASH_IGNORED_TRAIN = (*RESULT_NEUTRAL_TRAIN_KEYS, "save_every_epochs", "checkpoint_every_steps")
 HASH_IGNORED_EVAL = ("device", "batch_size")
 
 MARKER = "results.json"  # identifies a results directory and the recipe it belongs to

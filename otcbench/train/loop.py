@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import yaml
 
-from otcbench.config import TrainConfig, TrainJob, dump_yaml, validate
+from otcbench.config import RESULT_NEUTRAL_TRAIN_KEYS, TrainConfig, TrainJob, dump_yaml, validate
 from otcbench.data.format import load_pair_dataset
 from otcbench.defenses import DEFENSES, Defense
 from otcbench.errors import UserError
@@ -455,7 +455,7 @@ def _config_diff(old: TrainJob, new: TrainJob) -> str:
     for d in (a, b):
         d["data"] = str(Path(d["data"]).resolve()) if d["data"] else ""
     for d in (a, b):
-        for k in ("epochs", "device", "threads", "num_workers", "data_mode", "max_bad_fraction", "log_every"):
+        for k in ("epochs", *RESULT_NEUTRAL_TRAIN_KEYS):  # a resume may also train for more epochs
             d["train"].pop(k, None)
     diffs = []
     for section in a:
