@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -211,7 +212,7 @@ def collapsed_rows(agg: pd.DataFrame, df: pd.DataFrame) -> set[int]:
     return {int(i) for i, v in agg["zeroshot_top1_mean"].items() if not math.isnan(v) and v < floor}
 
 
-def _best(agg: pd.DataFrame, metric: str, excluded: set[int] = frozenset()) -> set[int]:  # type: ignore[assignment]
+def _best(agg: pd.DataFrame, metric: str, excluded: AbstractSet[int] = frozenset()) -> set[int]:
     """Row positions holding the best mean of ``metric`` within their attack (ties all win).
 
     Rows in ``excluded`` (collapsed models) do not compete for lower-is-better metrics.

@@ -603,8 +603,7 @@ def _start_priority(run: RunSpec, runs: list[RunSpec]) -> tuple[bool, float]:
     from otcbench.defenses import DEFENSES
 
     is_parent = any(r.parent == run.run_id for r in runs)
-    cls = DEFENSES.get(run.defense.spec.name)
-    return is_parent, run.job.train.epochs * float(getattr(cls, "relative_cost", 1.0))
+    return is_parent, run.job.train.epochs * DEFENSES.get(run.defense.spec.name).relative_cost
 
 
 def _execute_parallel(plan: Plan, pending: list[RunSpec], jobs: int, outcomes: dict[str, Outcome],
