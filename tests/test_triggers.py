@@ -127,6 +127,35 @@ def test_badnet_patch_is_mean_plus_noise_in_documented_draw_order() -> None:
         assert np.array_equal(out[i, :, top : top + p, left : left + p].numpy(), expected)
 
 
+def test_badnet_noise_cell_draws_coarse_noise_and_fills_cells() -> None:
+    # noise_cell=4 on a 10-px patch: per image top, left, then standard_normal((3, 3, 3)); each value fills a
+    # 4×4 square and the patch keeps the top-left 10×10 (the last row/column of cells is cut to 2 px).
+    x = _images(b=3, h=32, w=32, seed=5)
+    spec = TriggerSpec(kind="badnet", size=10 / 32, noise_std=0.2, noise_cell=4)
+    p = 10
+    out = apply_trigger(spec, x, _rng(2))
+    ref = _rng(2)
+    for i in range(3):
+        top = int(ref.integers(0, 32 - p + 1))
+        left = int(ref.integers(0, 32 - p + 1))
+        z = ref.standard_normal((3, 3, 3)).repeat(4, axis=1).repeat(4, axis=2)[:, :p, :p]
+        mean = x[i].numpy().astype(np.float64).mean(axis=(1, 2)).reshape(3, 1, 1)
+        expected = np.round(np.clip(mean + 255 * 0.2 * z, 0, 255)).astype(np.uint8)
+        assert np.array_equal(out[i, :, top : top + p, left : left + p].numpy(), expected)
+        patch = out[i, :, top : top + p, left : left + p]
+        assert torch.equal(patch[:, :4, :4], patch[:, :1, :1].expand(3, 4, 4)), "one value per 4×4 cell"
+    # the rng is left where the documented draws leave it; cell 1 is the per-pixel default
+    assert ref.integers(0, 1 << 30) == _rng_after(spec, x, 2)
+    assert torch.equal(apply_trigger(spec.model_copy(update={"noise_cell": 1}), x, _rng(2)),
+                       apply_trigger(TriggerSpec(kind="badnet", size=10 / 32, noise_std=0.2), x, _rng(2)))
+
+
+def _rng_after(spec: TriggerSpec, x: torch.Tensor, seed: int) -> int:
+    rng = _rng(seed)
+    apply_trigger(spec, x, rng)
+    return int(rng.integers(0, 1 << 30))
+
+
 def test_random_location_covers_every_valid_corner() -> None:
     x = torch.zeros((1500, 3, 8, 8), dtype=torch.uint8)
     spec = TriggerSpec(kind="yellow", size=0.25)  # p = 2 → 7×7 valid corners, including the last row/col

@@ -29,14 +29,15 @@ Reproducibility contract (the rng draw order). Draws are made image by image in 
 draws for one image depend only on (spec, H, W), never on the batch size:
 
 - ``badnet``: for each image, ``rng.integers(0, H - p + 1)`` (top) then ``rng.integers(0, W - p + 1)``
-  (left) when ``location == "random"``; then, unless ``fixed_pattern``, ``rng.standard_normal((3, p, p))``
-  (channel, row, column).
+  (left) when ``location == "random"``; then, unless ``fixed_pattern``, ``rng.standard_normal((3, c, c))``
+  (channel, row, column) with ``c = ceil(p / noise_cell)`` (``c = p`` by default); each value fills a
+  ``noise_cell``-pixel square, and the patch keeps its top-left p×p.
 - ``yellow``: for each image, top then left as above when ``location == "random"``; nothing otherwise.
 - ``blended``: for each image, unless ``fixed_pattern``, ``rng.random((3, H, W))``.
 - ``sig``, ``wanet``: no draws (both are deterministic; wanet's grid comes from ``pattern_seed``).
 
 Fixed patterns (``fixed_pattern``, the wanet grid) are drawn from ``numpy.random.default_rng(pattern_seed)``
-at the size they are used at (badnet: ``standard_normal((3, p, p))``, blended: ``random((3, H, W))``,
+at the size they are used at (badnet: ``standard_normal((3, c, c))``, blended: ``random((3, H, W))``,
 wanet: ``random((1, 2, k, k))``), so they are the same in poisoning and eval at the same image size.
 
 Hence applying a trigger to a batch in one call, or to consecutive slices of it with the same rng, gives
@@ -93,6 +94,10 @@ class TriggerSpec(BaseModel):
     )
     noise_std: float = Field(
         1.0, ge=0, description="badnet: std of the Gaussian noise added to the image mean, in [0, 1] units"
+    )
+    noise_cell: int = Field(
+        1, ge=1, le=1024, description="badnet: side in pixels of one noise cell (1 = per-pixel noise, CleanCLIP's); "
+        "cells as large as a tiny model's first downsampling survive its pooling (docs/attacks.md)"
     )
     fixed_pattern: bool = Field(
         False,
@@ -226,7 +231,9 @@ def _apply_patch(
     # costs a few microseconds per image; everything after it is vectorised.
     tops = np.empty(b, dtype=np.int64)
     lefts = np.empty(b, dtype=np.int64)
-    noise = np.empty((b, 3, p, p), dtype=np.float64) if fresh_noise else None
+    cell = spec.noise_cell
+    c = -(-p // cell)  # noise values per side
+    noise = np.empty((b, 3, c, c), dtype=np.float64) if fresh_noise else None
     if not random_loc:
         tops[:], lefts[:] = _fixed_corner(spec.location, h, w, p)
     for i in range(b):
@@ -234,7 +241,7 @@ def _apply_patch(
             tops[i] = rng.integers(0, h - p + 1)
             lefts[i] = rng.integers(0, w - p + 1)
         if noise is not None:
-            noise[i] = rng.standard_normal((3, p, p))
+            noise[i] = rng.standard_normal((3, c, c))
 
     dev = images.device
     if spec.kind == "yellow":
@@ -245,9 +252,11 @@ def _apply_patch(
         mean = images.to(torch.float64).mean(dim=(2, 3)).view(b, 3, 1, 1)
         if noise is None:
             pattern_rng = np.random.default_rng(spec.pattern_seed)
-            z = torch.from_numpy(pattern_rng.standard_normal((3, p, p))).to(dev).unsqueeze(0)
+            z = torch.from_numpy(pattern_rng.standard_normal((3, c, c))).to(dev).unsqueeze(0)
         else:
             z = torch.from_numpy(noise).to(dev)
+        if cell > 1:  # each value fills a cell×cell square; the patch keeps the top-left p×p
+            z = z.repeat_interleave(cell, dim=2).repeat_interleave(cell, dim=3)[:, :, :p, :p]
         patch = _to_uint8(mean + (255.0 * spec.noise_std) * z)
 
     # Paste all patches at once with advanced indexing: out[b, :, top_b + r, left_b + c] = patch[b, :, r, c].
