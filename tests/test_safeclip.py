@@ -145,6 +145,11 @@ def test_phases_and_learning_rates() -> None:
     assert d.learning_rate(tr, 123.0) < 1e-5
     tr.epoch, tr.global_step = 0, 0
     assert d.learning_rate(tr, 123.0) == pytest.approx(1e-3 / 3)  # warm-up over 10% of phases A+B (3 steps)
+    # without phase A, phase B is where training starts: it warms up over 10 % of phase B, then stays constant
+    b = SafeCLIP(SafeCLIPOptions(unimodal_epochs=0, slow_epochs=3, slow_lr_factor=1.0))
+    rates = [b.learning_rate(SimpleNamespace(cfg=cfg, steps_per_epoch=10, total_steps=60, epoch=s // 10,
+                                             global_step=s), 123.0) for s in range(30)]
+    assert rates[:3] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3]) and rates[3:] == pytest.approx([1e-3] * 27)
     g = SafeCLIP(SafeCLIPOptions(unimodal_epochs=2, slow_epochs=1, lr_schedule="global"))
     assert g.learning_rate(tr, 123.0) == 123.0
 

@@ -187,11 +187,17 @@ class SafeCLIP(Defense):
         o, cfg = self.options, trainer.cfg
         epoch = trainer.epoch
         phase = self.phase(epoch)
+        warm = self.first_mixed_epoch * trainer.steps_per_epoch
         if phase == "slow":
-            return o.slow_lr_factor * cfg.lr  # constant, as the official filter_lr
+            slow = o.slow_lr_factor * cfg.lr  # constant, as the official filter_lr
+            n_warm = warmup_steps(cfg.warmup, warm)
+            if o.unimodal_epochs == 0 and trainer.global_step < n_warm:
+                # phase B is where training starts: warm up as phase A would (a constant full rate from step 0
+                # left the CLIP loss ~1 nat above plain CLIP's after 6 epochs, docs/baselines.md)
+                return slow * (trainer.global_step + 1) / n_warm
+            return slow
         if o.lr_schedule == "global":
             return lr
-        warm = self.first_mixed_epoch * trainer.steps_per_epoch
         if phase == "unimodal":
             return cosine_lr(trainer.global_step, cfg.lr, warmup_steps(cfg.warmup, warm), warm)
         span = max(1, trainer.total_steps - warm)
