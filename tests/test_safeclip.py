@@ -269,3 +269,14 @@ def test_augmented_scoring_is_seeded_per_epoch(make_job: Callable[..., TrainJob]
     assert not torch.equal(a, d._scores(trainer, 3))
     clean = SafeCLIP(SafeCLIPOptions(**FAST))._scores(trainer, 2)
     assert not torch.allclose(a, clean) and float(a.abs().max()) <= 1.0
+
+
+def test_estimated_cost_follows_the_phases() -> None:
+    # official: 5 unimodal + 1 cross_aug slow epoch (two views each), then CLIP on two views of the safe share
+    # and the unimodal loss on two views of the risky rest: twice a plain epoch throughout
+    official = SafeCLIPOptions()
+    assert SafeCLIP.estimated_cost(official, 16) == pytest.approx(32.0)
+    # one view, no unimodal loss: phase B at 1x, phase C at the safe share (ratio_cap) only
+    cheap = SafeCLIPOptions(unimodal_epochs=0, slow_epochs=6, cross_aug=False, unimodal_on_risky=False)
+    assert SafeCLIP.estimated_cost(cheap, 16) == pytest.approx(6 + 0.85 * 10)
+    assert SafeCLIP.estimated_cost(official, 3) == pytest.approx(6.0)  # a run that ends inside phase A

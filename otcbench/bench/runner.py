@@ -597,13 +597,15 @@ def execute_plan(
 def _start_priority(run: RunSpec, runs: list[RunSpec]) -> tuple[bool, float]:
     """Longest-first order for parallel runs: runs others start from, then by estimated cost.
 
-    Cost is epochs × the defense's ``relative_cost``; starting long runs first shortens the whole grid
-    (a 6-run quickstart on two workers: ~3.3 instead of ~3.5 plain-CLIP run times).
+    Cost is the defense's ``estimated_cost`` (epochs × ``relative_cost`` unless its options change it);
+    starting long runs first shortens the whole grid (a 6-run quickstart on two workers: ~3.3 instead of ~3.5
+    plain-CLIP run times).
     """
     from otcbench.defenses import DEFENSES
 
     is_parent = any(r.parent == run.run_id for r in runs)
-    return is_parent, run.job.train.epochs * DEFENSES.get(run.defense.spec.name).relative_cost
+    cls = DEFENSES.get(run.defense.spec.name)
+    return is_parent, cls.estimated_cost(cls.Options(**run.defense.spec.options), run.job.train.epochs)
 
 
 def _execute_parallel(plan: Plan, pending: list[RunSpec], jobs: int, outcomes: dict[str, Outcome],

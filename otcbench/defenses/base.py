@@ -77,6 +77,14 @@ class Defense:
     def __init__(self, options: Options) -> None:
         self.options = options
 
+    @classmethod
+    def estimated_cost(cls, options: Options, epochs: int) -> float:
+        """Rough wall-clock cost of a run of ``epochs`` epochs, in plain-CLIP epochs (the runner's start order).
+
+        ``epochs × relative_cost`` unless a defense's cost depends on its options (SafeCLIP's phases).
+        """
+        return epochs * cls.relative_cost
+
     def on_train_start(self, trainer: Trainer) -> None:
         """Called once before the first step."""
 

@@ -144,8 +144,20 @@ class SafeCLIP(Defense):
     Options = SafeCLIPOptions
     # `bench train` times the steady state: filtering (phase C) from the first epoch
     bench_options: ClassVar[dict[str, Any]] = {"unimodal_epochs": 0, "slow_epochs": 0}
-    relative_cost = 2.3  # unimodal losses on two views of the risky pairs (quickstart, idle: 554 s vs 238 s)
+    relative_cost = 2.3  # official options: unimodal losses on two views of the risky pairs (554 s vs 238 s)
     options: SafeCLIPOptions
+
+    @classmethod
+    def estimated_cost(cls, options: Options, epochs: int) -> float:
+        """Per phase: an unimodal epoch or a cross_aug CLIP epoch encodes two views (2×); a phase-C epoch
+        trains CLIP on the safe share (≈ ratio_cap at most) and the unimodal loss on the risky rest."""
+        assert isinstance(options, SafeCLIPOptions)
+        clip = 2.0 if options.cross_aug else 1.0
+        a = min(epochs, options.unimodal_epochs)
+        b = min(epochs - a, options.slow_epochs)
+        safe = options.ratio_cap
+        mixed = safe * clip + (1 - safe) * (2.0 if options.unimodal_on_risky else 0.0)
+        return 2.0 * a + clip * b + mixed * (epochs - a - b)
 
     def __init__(self, options: SafeCLIPOptions) -> None:
         super().__init__(options)
