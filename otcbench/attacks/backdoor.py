@@ -38,9 +38,10 @@ class BackdoorOptions(Options):
     )
     count: int | None = Field(None, ge=1, description="number of poisoned pairs (overrides rate)")
     caption_source: Literal["templates", "training", "names"] = Field(
-        "names",
-        description="eval prompt templates with the target name (CleanCLIP), training captions naming it, "
-        "or short captions that only name it",
+        "training",
+        description="training captions naming the target (default: the only source that backdoored every "
+        "training seed without costing zero-shot accuracy, docs/attacks.md), eval prompt templates with the "
+        "target name (CleanCLIP), or short captions that only name it",
     )
     exclude_target_images: bool = Field(True, description="trigger only images whose label is not the target")
     trigger: TriggerSpec
