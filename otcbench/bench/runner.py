@@ -483,6 +483,29 @@ def _worker_init() -> None:
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+    # the heavy imports (torch, open_clip) happen here, while the main process still builds the data stages
+    import otcbench.train.loop  # noqa: F401
+
+
+def _worker_ready() -> None:
+    """A no-op task: submitting one per worker starts them all (and their imports) at once."""
+
+
+@contextlib.contextmanager
+def _worker_pool(jobs: int) -> Iterator[Any]:
+    """``jobs`` spawned worker processes, started now so that their start-up overlaps the data stages
+    (None for ``jobs == 1``: runs then train in this process)."""
+    if jobs <= 1:
+        yield None
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init) as pool:
+        for _ in range(jobs):
+            pool.submit(_worker_ready)
+        yield pool
 
 
 def _run_in_worker(run: RunSpec, recipe_name: str, eval_data: Path, keep_checkpoints: str) -> Outcome:
@@ -559,7 +582,7 @@ def execute_plan(
             return Outcome(run, "failed", 0.0, str(err))
         return None
 
-    with _grid_progress(show_progress, console) as progress:
+    with _grid_progress(show_progress, console) as progress, _worker_pool(jobs if pending else 1) as pool:
         _build_stages(plan, pending, progress, log)
         grid = progress.add_task(plan.recipe.name, total=len(plan.runs), info="",
                                  completed=len(plan.runs) - len(pending))
@@ -582,8 +605,8 @@ def execute_plan(
                             o = Outcome(run, "failed", seconds, _one_line(err))
                     finish(o, progress, grid)
             else:
-                _execute_parallel(plan, pending, jobs, outcomes, failed_parent, lambda o: finish(o, progress, grid),
-                                  lambda text: progress.update(grid, info=text))
+                _execute_parallel(plan, pending, jobs, pool, outcomes, failed_parent,
+                                  lambda o: finish(o, progress, grid), lambda text: progress.update(grid, info=text))
         except KeyboardInterrupt:
             log("interrupted; run again with --resume to continue the unfinished runs from their last checkpoints")
             write_report(plan.out, plan=plan, plots=False)
@@ -608,55 +631,52 @@ def _start_priority(run: RunSpec, runs: list[RunSpec]) -> tuple[bool, float]:
     return is_parent, cls.estimated_cost(cls.Options(**run.defense.spec.options), run.job.train.epochs)
 
 
-def _execute_parallel(plan: Plan, pending: list[RunSpec], jobs: int, outcomes: dict[str, Outcome],
+def _execute_parallel(plan: Plan, pending: list[RunSpec], jobs: int, pool: Any, outcomes: dict[str, Outcome],
                       failed_parent: Callable[[RunSpec], Outcome | None], finish: Callable[[Outcome], None],
                       status: Callable[[str], None]) -> None:
-    """Run ``pending`` in ``jobs`` worker processes, each run once its parent is done."""
-    import multiprocessing
+    """Run ``pending`` in the ``jobs`` worker processes of ``pool``, each run once its parent is done."""
     import os
-    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, Future, wait
     from concurrent.futures.process import BrokenProcessPool
 
     share = max(1, (os.cpu_count() or 1) // jobs)
     waiting = sorted(pending, key=lambda r: _start_priority(r, pending), reverse=True)
     running: dict[Future, RunSpec] = {}
-    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init) as pool:
-        try:
-            while waiting or running:
-                for run in list(waiting):
-                    if len(running) >= jobs:
-                        break
-                    if run.parent is not None and run.parent not in outcomes:
-                        continue  # its parent is still pending or training
-                    waiting.remove(run)
-                    o = failed_parent(run)
-                    if o is not None:
-                        finish(o)
-                        continue
-                    if run.job.train.threads is None:
-                        run = copy.copy(run)
-                        run.job = run.job.model_copy(update={"train": run.job.train.model_copy(
-                            update={"threads": share})})
-                    try:
-                        fut = pool.submit(_run_in_worker, run, plan.recipe.name, plan.eval_data,
-                                          plan.recipe.keep_checkpoints)
-                    except BrokenProcessPool:
-                        raise UserError("a worker process died (out of memory?); run again with --resume, "
-                                        "with fewer --jobs") from None
-                    running[fut] = run
-                status(", ".join(r.title for r in running.values()))
-                if not running:
-                    continue
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    run = running.pop(fut)
-                    try:
-                        o = fut.result()
-                    except Exception as err:  # the worker itself died: the run is failed, the grid goes on
-                        _record_failure(run, err, 0.0, traceback.format_exc())
-                        o = Outcome(run, "failed", 0.0, _one_line(err))
+    try:
+        while waiting or running:
+            for run in list(waiting):
+                if len(running) >= jobs:
+                    break
+                if run.parent is not None and run.parent not in outcomes:
+                    continue  # its parent is still pending or training
+                waiting.remove(run)
+                o = failed_parent(run)
+                if o is not None:
                     finish(o)
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+                    continue
+                if run.job.train.threads is None:
+                    run = copy.copy(run)
+                    run.job = run.job.model_copy(update={"train": run.job.train.model_copy(
+                        update={"threads": share})})
+                try:
+                    fut = pool.submit(_run_in_worker, run, plan.recipe.name, plan.eval_data,
+                                      plan.recipe.keep_checkpoints)
+                except BrokenProcessPool:
+                    raise UserError("a worker process died (out of memory?); run again with --resume, "
+                                    "with fewer --jobs") from None
+                running[fut] = run
+            status(", ".join(r.title for r in running.values()))
+            if not running:
+                continue
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                run = running.pop(fut)
+                try:
+                    o = fut.result()
+                except Exception as err:  # the worker itself died: the run is failed, the grid goes on
+                    _record_failure(run, err, 0.0, traceback.format_exc())
+                    o = Outcome(run, "failed", 0.0, _one_line(err))
+                finish(o)
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
