@@ -226,6 +226,27 @@ def test_ot_reranking_changes_the_choice_when_tokens_disagree(
     assert torch.equal(by_global.scores["match"], by_global.scores["global"])
 
 
+def test_duplicate_images_do_not_vouch_for_each_others_captions(use_world: Callable[[FakeWorld], None]) -> None:
+    # rows 0 and 1 are two copies of one image (a targeted poison) with two poisoned captions; row 2 is a clean
+    # pair whose caption describes the image better than row 0's own caption, but less well than row 1's
+    w = FakeWorld()
+    w.image(0, e(0, 1), [e(0, 1)])
+    w.image(2, e(0), [e(0)])
+    w.image(3, e(1), [e(1)])
+    w.caption(3, e(0, 1, w=[0.2, 1.0]), [e(1)])  # row 0's own: cos 0.83 with image 0
+    w.caption(4, e(0, 1, w=[1.0, 1.05]), [e(1)])  # row 1's own: cos 1.00 with image 0
+    w.caption(5, e(0, 1, w=[1.0, 0.8]), [e(0)])  # row 2's own (clean): cos 0.99 with image 0
+    w.caption(6, e(1), [e(1)])
+    use_world(w)
+    data = train_data([0, 0, 2, 3], [3, 4, 5, 6])
+    off = defense(top_k=1, score="global").data_step(Ctx(data), None)
+    assert off.caption_index.tolist() == [1, 1, 2, 3]  # row 0 takes its duplicate's poisoned caption
+    on = defense(top_k=1, score="global", exclude_duplicates=True).data_step(Ctx(data), None)
+    assert on.caption_index.tolist() == [2, 1, 2, 3]  # the duplicate's caption is out: the clean one wins
+    # with fewer non-duplicates than top_k the duplicates never win, whatever the score
+    assert defense(top_k=4, exclude_duplicates=True).data_step(Ctx(data), None).caption_index[0] == 2
+
+
 def test_top_k_limits_the_candidates(use_world: Callable[[FakeWorld], None]) -> None:
     world, data = ot_vs_global_world()
     use_world(world)

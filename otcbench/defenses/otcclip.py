@@ -87,6 +87,12 @@ class OTCCLIPOptions(Options):
     margin: float = Field(
         0.0, ge=0, description="re-pair only when the best candidate beats the own caption by more than this"
     )
+    exclude_duplicates: bool = Field(
+        False, description="leave out of an image's candidates the captions of rows with the pixel-identical image "
+        "(the copies of a targeted poison, which otherwise vouch for each other's captions); false: the "
+        "abstract's matching (docs/otcclip.md). Image embeddings cannot do this: on the synthetic world an "
+        "image's nearest *other* image has cosine 0.99 (median)"
+    )
     match_chunk: int = Field(256, ge=1, description="images scored per chunk (memory: chunk·(top_k+1) OT problems)")
     match_features: Literal["train", "fresh"] = Field(
         "train", description="train: match with the features the training forward passes of the previous epoch "
@@ -221,6 +227,7 @@ class PoolFeatures:
     def __init__(self, rows: torch.Tensor, globals_: torch.Tensor, tokens: torch.Tensor | None = None,
                  mask: torch.Tensor | None = None, n_rows: int = 0) -> None:
         self.rows, self.globals, self.tokens, self.mask = rows, globals_, tokens, mask
+        self.image_keys: torch.Tensor | None = None  # [N, 2] pixel hashes of every row's image (exclude_duplicates)
         self.position = None
         if tokens is not None:
             # caption row -> index in the pool (-1 when a FIFO pool does not hold it)
@@ -267,6 +274,7 @@ class OTCCLIP(Defense):
         self.matched_epoch = -1  # the last epoch whose matching is reflected in trainer.caption_index
         self._syn: Any = None
         self._store: FeatureStore | None = None  # training-forward features collected for the next matching
+        self._keys: torch.Tensor | None = None  # pixel hashes of the rows' images (exclude_duplicates)
 
     # ---- OT ------------------------------------------------------------------------------------
 
@@ -368,6 +376,8 @@ class OTCCLIP(Defense):
         pool = self._pool_rows(ctx, epoch)
         store = self._usable_store(ctx, epoch)
         feats = self.pool_features(ctx, pool, store)
+        if self.options.exclude_duplicates:
+            feats.image_keys = self._image_keys(ctx).to(feats.rows.device)
         # under torchrun every rank scores its own rows; the gathered result is identical on all ranks
         lo, hi = distributed.shard(n)
         assigned, own = self.score_rows(ctx, lo, hi, feats, store)
@@ -482,6 +492,25 @@ class OTCCLIP(Defense):
         return (cand, torch.cat([g_own[:, None], pool.globals[top]], 1),
                 torch.cat([w_own[:, None], pool.tokens[top]], 1), torch.cat([m_own[:, None], pool.mask[top]], 1))
 
+    def _image_keys(self, ctx: DataContext) -> torch.Tensor:
+        """Two pixel hashes of every row's image [N, 2] (int64; equal for pixel-identical images), computed once.
+
+        Exact integer arithmetic: 8-bit pixels times 31-bit weights summed over up to 2^24 values cannot
+        overflow, so equal pixels give equal keys; two independent keys make a collision of different
+        images a 2^-62 event per pair."""
+        n = len(ctx.data)
+        if self._keys is None or self._keys.shape[0] != n:
+            weights: torch.Tensor | None = None
+            parts = []
+            for chunk in torch.arange(n).split(max(1, self.options.match_chunk)):
+                flat = ctx.data.image_rows(chunk).reshape(chunk.numel(), -1).to(torch.int64)
+                if weights is None:
+                    gen = torch.Generator().manual_seed(0)
+                    weights = torch.randint(1, 2**31, (flat.shape[1], 2), generator=gen, dtype=torch.int64)
+                parts.append(flat @ weights)
+            self._keys = torch.cat(parts) if parts else torch.empty(0, 2, dtype=torch.int64)
+        return self._keys
+
     def _image_chunk(self, ctx: DataContext, chunk: torch.Tensor, store: FeatureStore | None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised image globals [c, D] and tokens [c, n, D] of rows ``chunk``: from the store where it has
@@ -521,7 +550,15 @@ class OTCCLIP(Defense):
             for chunk in chunks:
                 c = chunk.numel()
                 g_img, v = self._image_chunk(ctx, chunk, store)
-                top = (g_img @ pool.globals.t()).topk(k, dim=1).indices if k else None
+                sim = g_img @ pool.globals.t()
+                dup = None
+                if pool.image_keys is not None:
+                    keys = pool.image_keys
+                    same = (keys[chunk.to(keys.device)][:, None, :] == keys[pool.rows][None, :, :]).all(-1)
+                    sim = sim.masked_fill(same, float("-inf"))
+                top = sim.topk(k, dim=1) if k else None
+                if top is not None:
+                    dup, top = torch.isinf(top.values), top.indices  # dup: fewer than k non-duplicates
                 cand, g_txt, w, w_mask = self._candidate_features(ctx, chunk, top, pool)
                 cos = (g_img[:, None, :] * g_txt).sum(-1)  # [c, K]
                 # the own pair's OT score is always computed (detection reports it); all candidates' only
@@ -533,6 +570,11 @@ class OTCCLIP(Defense):
                 d = self.ot_distance(vv, w[:, :cols].flatten(0, 1), v_mask, w_mask[:, :cols].flatten(0, 1), gg,
                                      g_txt[:, :cols].flatten(0, 1)).float().view(c, cols)
                 ot_sim = 1.0 - d
+                if dup is not None and bool(dup.any()):  # a duplicate's caption never wins
+                    cos, ot_sim = cos.clone(), ot_sim.clone()
+                    cos[:, 1:][dup] = float("-inf")
+                    if ot_sim.shape[1] > 1:
+                        ot_sim[:, 1:][dup] = float("-inf")
                 choice, s = rank_candidates(cos, ot_sim if o.score == "ot" else None, o.alpha, o.margin)
                 best = cand.gather(1, choice[:, None]).squeeze(1)
                 # a different row with the very same caption text is not a replacement
