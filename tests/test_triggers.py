@@ -111,39 +111,37 @@ def test_patch_changes_only_its_square(kind: str, location: str, h: int, w: int,
             assert torch.equal(patch, torch.tensor([255, 255, 0], dtype=torch.uint8).view(3, 1, 1).expand(3, p, p))
 
 
-def test_badnet_patch_is_mean_plus_noise_in_documented_draw_order() -> None:
-    # Reference implementation of the contract: per image, top, left, then standard_normal((3, p, p)).
-    x = _images(b=4, h=32, w=32, seed=7)
-    spec = TriggerSpec(kind="badnet", size=0.25, noise_std=0.1)
-    p = 8
-    out = apply_trigger(spec, x, _rng(11))
-    ref = _rng(11)
-    for i in range(4):
-        top = int(ref.integers(0, 32 - p + 1))
-        left = int(ref.integers(0, 32 - p + 1))
-        z = ref.standard_normal((3, p, p))
+def _check_badnet_reference(x: torch.Tensor, spec: TriggerSpec, p: int, seed: int) -> np.random.Generator:
+    """Reference implementation of the draw contract: per image top, left, then standard_normal((3, c, c)) with
+    c = ceil(p / noise_cell), each value filling a cell; returns the reference rng after the draws."""
+    out = apply_trigger(spec, x, _rng(seed))
+    ref = _rng(seed)
+    cell = spec.noise_cell
+    c = -(-p // cell)
+    h, w = x.shape[2:]
+    for i in range(x.shape[0]):
+        top = int(ref.integers(0, h - p + 1))
+        left = int(ref.integers(0, w - p + 1))
+        z = ref.standard_normal((3, c, c)).repeat(cell, axis=1).repeat(cell, axis=2)[:, :p, :p]
         mean = x[i].numpy().astype(np.float64).mean(axis=(1, 2)).reshape(3, 1, 1)
-        expected = np.round(np.clip(mean + 255 * 0.1 * z, 0, 255)).astype(np.uint8)
-        assert np.array_equal(out[i, :, top : top + p, left : left + p].numpy(), expected)
+        expected = np.round(np.clip(mean + 255 * spec.noise_std * z, 0, 255)).astype(np.uint8)
+        patch = out[i, :, top : top + p, left : left + p]
+        assert np.array_equal(patch.numpy(), expected)
+        assert torch.equal(patch[:, :cell, :cell], patch[:, :1, :1].expand(3, cell, cell)), "one value per cell"
+    return ref
+
+
+def test_badnet_patch_is_mean_plus_noise_in_documented_draw_order() -> None:
+    _check_badnet_reference(_images(b=4, h=32, w=32, seed=7), TriggerSpec(kind="badnet", size=0.25, noise_std=0.1),
+                            8, 11)
 
 
 def test_badnet_noise_cell_draws_coarse_noise_and_fills_cells() -> None:
-    # noise_cell=4 on a 10-px patch: per image top, left, then standard_normal((3, 3, 3)); each value fills a
-    # 4×4 square and the patch keeps the top-left 10×10 (the last row/column of cells is cut to 2 px).
+    # noise_cell=4 on a 10-px patch: standard_normal((3, 3, 3)) per image; each value fills a 4×4 square and the
+    # patch keeps the top-left 10×10 (the last row/column of cells is cut to 2 px)
     x = _images(b=3, h=32, w=32, seed=5)
     spec = TriggerSpec(kind="badnet", size=10 / 32, noise_std=0.2, noise_cell=4)
-    p = 10
-    out = apply_trigger(spec, x, _rng(2))
-    ref = _rng(2)
-    for i in range(3):
-        top = int(ref.integers(0, 32 - p + 1))
-        left = int(ref.integers(0, 32 - p + 1))
-        z = ref.standard_normal((3, 3, 3)).repeat(4, axis=1).repeat(4, axis=2)[:, :p, :p]
-        mean = x[i].numpy().astype(np.float64).mean(axis=(1, 2)).reshape(3, 1, 1)
-        expected = np.round(np.clip(mean + 255 * 0.2 * z, 0, 255)).astype(np.uint8)
-        assert np.array_equal(out[i, :, top : top + p, left : left + p].numpy(), expected)
-        patch = out[i, :, top : top + p, left : left + p]
-        assert torch.equal(patch[:, :4, :4], patch[:, :1, :1].expand(3, 4, 4)), "one value per 4×4 cell"
+    ref = _check_badnet_reference(x, spec, 10, 2)
     # the rng is left where the documented draws leave it; cell 1 is the per-pixel default
     assert ref.integers(0, 1 << 30) == _rng_after(spec, x, 2)
     assert torch.equal(apply_trigger(spec.model_copy(update={"noise_cell": 1}), x, _rng(2)),
