@@ -295,3 +295,12 @@ def test_parallel_runs_start_parents_then_the_longest_first(tmp_path: Path) -> N
     order = sorted(plan.runs, key=lambda r: _start_priority(r, plan.runs), reverse=True)
     # `none` is started from by `ft`: first; then otcclip (costlier per epoch than plain CLIP); then by epochs
     assert [r.defense.label for r in order] == ["none", "otcclip", "short", "ft"]
+    # a defense sweep's value counts: cross_aug doubles SafeCLIP's CLIP passes (phase B and the safe share of C;
+    # the unimodal loss on the risky 15 % encodes two views either way)
+    path = recipe_file(tmp_path, attacks=["none"], defenses=[
+        {"name": "safeclip", "options": {"unimodal_epochs": 0, "slow_epochs": 1},
+         "sweep": {"options.cross_aug": [False, True]}}], train={**TRAIN, "epochs": 2})
+    runs = plan_recipe(load_recipe(path)[0], tmp_path / "sweep").runs
+    costs = {r.defense.label: _start_priority(r, runs)[1] for r in runs}
+    assert costs == pytest.approx({"safeclip cross_aug=False": 1 + (0.85 + 0.15 * 2),
+                                   "safeclip cross_aug=True": 2 + (0.85 * 2 + 0.15 * 2)})

@@ -627,8 +627,8 @@ def _start_priority(run: RunSpec, runs: list[RunSpec]) -> tuple[bool, float]:
     from otcbench.defenses import DEFENSES
 
     is_parent = any(r.parent == run.run_id for r in runs)
-    cls = DEFENSES.get(run.defense.spec.name)
-    return is_parent, cls.estimated_cost(cls.Options(**run.defense.spec.options), run.job.train.epochs)
+    d = run.job.defense  # this run's options, a defense sweep's value included
+    return is_parent, DEFENSES.get(d.name).estimated_cost(DEFENSES.options(d.name, d.options), run.job.train.epochs)
 
 
 def _execute_parallel(plan: Plan, pending: list[RunSpec], jobs: int, pool: Any, outcomes: dict[str, Outcome],
