@@ -71,8 +71,16 @@ def test_pair_scores_and_report_agree(defended: tuple[Path, dict]) -> None:
     assert list(scores.columns) == ["row", "caption_row", "poison", "flagged", "repaired", "keep",
                                     "score_match", "score_ot", "score_global", "score_gap"]
     assert scores["row"].tolist() == list(range(408))
-    assert (scores["flagged"] == (scores["caption_row"] != scores["row"])).all()  # otcclip flags re-pairs
-    assert scores["keep"].all()
+    repaired = scores["caption_row"] != scores["row"]
+    assert (scores["repaired"] == repaired).all()
+    # otcclip flags its re-pairs and the pairs its filter leaves out: the 20 % lowest match scores (81 of
+    # 408) and, with them, every copy of their images (a target's 4 poisoned copies go together)
+    assert (scores["flagged"] == (repaired | ~scores["keep"])).all()
+    dropped = ~scores["keep"]
+    lowest = scores["score_match"].rank(method="first") <= 81
+    assert (dropped[lowest]).all() and dropped.sum() >= 81
+    targeted = scores[scores["poison"] == "targeted"]
+    assert targeted.groupby(targeted.index // 4)["keep"].nunique().eq(1).all()
     on_disk = json.loads((out / REPORT).read_text())
     assert on_disk == {k: v for k, v in report.items() if k != "out"}
     assert report["n"] == 408 and report["n_flagged"] == int(scores["flagged"].sum())
@@ -80,7 +88,8 @@ def test_pair_scores_and_report_agree(defended: tuple[Path, dict]) -> None:
     # the detection metrics are those of the per-pair table
     expected = detection_metrics(torch.tensor(scores["flagged"].to_numpy()),
                                  {k: torch.tensor(scores[f"score_{k}"].to_numpy()) for k in report["scores"]},
-                                 scores["poison"].tolist())
+                                 scores["poison"].tolist(),
+                                 caption_index=torch.tensor(scores["caption_row"].to_numpy()))
     for k, v in expected.items():
         assert report[k] == pytest.approx(v), k
     assert report["detect_n_poison"] == 24

@@ -100,6 +100,8 @@ class Ctx:
 
 
 def defense(**options: Any) -> oc.OTCCLIP:
+    """The defense with ``options``; without the pair filter unless asked (the matching tests test the matching)."""
+    options.setdefault("filter_fraction", 0.0)
     return DEFENSES.get("otcclip")(DEFENSES.options("otcclip", options))
 
 
@@ -245,6 +247,40 @@ def test_duplicate_images_do_not_vouch_for_each_others_captions(use_world: Calla
     assert on.caption_index.tolist() == [2, 1, 2, 3]  # the duplicate's caption is out: the clean one wins
     # with fewer non-duplicates than top_k the duplicates never win, whatever the score
     assert defense(top_k=4, exclude_duplicates=True).data_step(Ctx(data), None).caption_index[0] == 2
+
+
+def test_filter_leaves_out_the_lowest_own_pair_scores(use_world: Callable[[FakeWorld], None]) -> None:
+    world, data = identity_world()  # rows 0 and 1 (the poison) have own-pair score 0, the others 1
+    use_world(world)
+    res = defense(top_k=3, filter_fraction=0.34, filter_duplicates=False).data_step(Ctx(data), None)  # 2 rows
+    assert res.keep is not None and res.keep.tolist() == [False, False, True, True, True, True]
+    assert res.flagged.tolist() == [True, True, False, False, False, False]
+    s = res.summary
+    assert (s["filtered_n"], s["poison_filtered"], s["clean_filtered"]) == (2, 1.0, 0.0)
+    assert defense(top_k=3, filter_fraction=0).data_step(Ctx(data), None).keep is None  # the abstract's method
+    # rows 3 and 4 show the same images as rows 0 and 1: with filter_duplicates the copies go too
+    dup = defense(top_k=3, filter_fraction=0.34, filter_duplicates=True).data_step(Ctx(data), None)
+    assert dup.keep is not None and dup.keep.tolist() == [False, False, True, False, False, True]
+    assert dup.flagged.tolist() == [True, True, False, True, True, False]
+
+
+def test_filtered_rows_are_left_out_until_the_next_matching(use_world: Callable[[FakeWorld], None]) -> None:
+    world, data = identity_world()
+    use_world(world)
+    d = defense(top_k=3, warmup_epochs=1, match_every=2, filter_fraction=0.34, filter_duplicates=False)
+    trainer = SimpleNamespace(data=data, model=torch.nn.Linear(1, 1), device=torch.device("cpu"),
+                              caption_index=torch.arange(6), autocast=contextlib.nullcontext, embed_batch_size=4,
+                              global_step=0, log=lambda record: None)
+    order = torch.tensor([5, 0, 3, 1, 4, 2])
+    rows = []
+    for epoch in range(3):
+        d.on_epoch_start(trainer, epoch)
+        rows.append(d.epoch_indices(trainer, epoch, order).tolist())
+    assert rows[0] == order.tolist()  # warm-up: everything
+    assert rows[1] == rows[2] == [5, 3, 4, 2]  # the matched epoch and the one after it, in the given order
+    restored = defense(top_k=3, filter_fraction=0.34)
+    restored.load_state_dict(d.state_dict())
+    assert restored.epoch_indices(trainer, 2, order).tolist() == [5, 3, 4, 2]
 
 
 def test_top_k_limits_the_candidates(use_world: Callable[[FakeWorld], None]) -> None:
@@ -625,14 +661,22 @@ def _log(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.parametrize("options", [{"filter_fraction": 0.0}, {"filter_fraction": 0.25}],
+                         ids=["match", "match+filter"])
 def test_training_matches_logs_and_resumes_exactly(
-    poisoned_small: Path, make_job: Callable[..., TrainJob], tmp_path: Path
+    poisoned_small: Path, make_job: Callable[..., TrainJob], tmp_path: Path, options: dict[str, Any]
 ) -> None:
-    job = small_job(poisoned_small, make_job)  # 136 rows / 32 = 4 steps per epoch; matching at epoch 1
+    job = small_job(poisoned_small, make_job, **options)  # 136 rows / 32 = 4 steps per epoch; matching at epoch 1
     ref = Trainer(job, tmp_path / "ref", show_progress=False)
     ref.fit()
     matches = [r for r in _log(tmp_path / "ref") if r["type"] == "otcclip_match"]
     assert len(matches) == 1 and matches[0]["epoch"] == 1 and matches[0]["step"] == 5
+    steps = [r for r in _log(tmp_path / "ref") if r["type"] == "step"]
+    # the filter leaves 136 - int(0.25·136) = 102 rows for the matched epoch: 3 steps instead of 4
+    filtered = options["filter_fraction"] > 0
+    assert len(steps) == (7 if filtered else 8)
+    if filtered:
+        assert ref.defense.keep is not None and int((~ref.defense.keep).sum()) == 34 == matches[0]["filtered_n"]
     m = matches[0]
     assert 0 <= m["repaired"] <= 1 and m["repaired_n"] == int((ref.caption_index != torch.arange(136)).sum())
     for key in ("poison_repaired", "clean_repaired", "detect_auroc_ot", "detect_auroc_global", "detect_auroc_match",
@@ -649,6 +693,8 @@ def test_training_matches_logs_and_resumes_exactly(
     assert resumed.defense.matched_epoch == 1
     resumed.fit()
     assert torch.equal(resumed.caption_index, ref.caption_index)
+    if filtered:
+        assert torch.equal(resumed.defense.keep, ref.defense.keep)
     a, b = resumed.model.state_dict(), ref.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len([r for r in _log(run) if r["type"] == "otcclip_match"]) == 1
@@ -675,8 +721,11 @@ def test_options_are_validated() -> None:
         DEFENSES.options("otcclip", {"score": "fancy"})
     with pytest.raises(UserError, match="alpha"):
         DEFENSES.options("otcclip", {"alpha": 1.5})
+    with pytest.raises(UserError, match="filter_fraction"):
+        DEFENSES.options("otcclip", {"filter_fraction": 1.0})
     o = DEFENSES.options("otcclip", {})
     assert (o.top_k, o.alpha, o.score, o.inter_loss, o.eps, o.marginals) == (5, 0.5, "ot", "pairwise", 0.05, "weighted")
     assert (o.warmup_epochs, o.match_every, o.intra_view_grad, o.between, o.max_uses) == (1, 2, False, "own", 1)
+    assert (o.filter_fraction, o.filter_duplicates, o.margin) == (0.2, True, 0.05)
     assert math.isclose(o.intra_fraction, 0.125)
 

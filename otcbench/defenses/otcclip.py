@@ -85,13 +85,24 @@ class OTCCLIPOptions(Options):
         "images, 694 distinct captions for 10,500 in our measurement) and training on them collapses; None: no cap"
     )
     margin: float = Field(
-        0.0, ge=0, description="re-pair only when the best candidate beats the own caption by more than this"
+        0.05, ge=0, description="re-pair only when the best candidate beats the own caption by more than this "
+        "(0: the abstract's rule; 0.05 kept 1.9 more points of zero-shot accuracy with the filter, docs/otcclip.md)"
     )
     exclude_duplicates: bool = Field(
         False, description="leave out of an image's candidates the captions of rows with the pixel-identical image "
         "(the copies of a targeted poison, which otherwise vouch for each other's captions); false: the "
         "abstract's matching (docs/otcclip.md). Image embeddings cannot do this: on the synthetic world an "
         "image's nearest *other* image has cosine 0.99 (median)"
+    )
+    filter_fraction: float = Field(
+        0.2, ge=0, lt=1, description="at each matching, leave the pairs whose own-pair matching score is in this "
+        "lowest fraction out of training until the next matching (every loss; docs/otcclip.md, section 6). An "
+        "otcbench addition: 0 gives the abstract's method, which only re-pairs and cannot undo a poison the model "
+        "has fitted. The matching re-scores every pair, so a filtered pair can come back"
+    )
+    filter_duplicates: bool = Field(
+        True, description="a filtered pair takes the rows with the pixel-identical image with it: a targeted "
+        "poison's copies share one fate, the weakest copy's score decides for all (false: each row on its own)"
     )
     match_chunk: int = Field(256, ge=1, description="images scored per chunk (memory: chunk·(top_k+1) OT problems)")
     match_features: Literal["train", "fresh"] = Field(
@@ -275,6 +286,7 @@ class OTCCLIP(Defense):
         self._syn: Any = None
         self._store: FeatureStore | None = None  # training-forward features collected for the next matching
         self._keys: torch.Tensor | None = None  # pixel hashes of the rows' images (exclude_duplicates)
+        self.keep: torch.Tensor | None = None  # rows trained on until the next matching (filter_fraction)
 
     # ---- OT ------------------------------------------------------------------------------------
 
@@ -359,6 +371,7 @@ class OTCCLIP(Defense):
         t0 = time.perf_counter()
         result = self.data_step(trainer, epoch)
         trainer.caption_index = result.caption_index.cpu()
+        self.keep = result.keep.cpu() if result.keep is not None else None
         self.matched_epoch = epoch
         self._store = None  # used: free it (and keep it out of the next checkpoints)
         # step = the epoch's first step: a resume from the previous epoch's checkpoint drops this line
@@ -386,23 +399,50 @@ class OTCCLIP(Defense):
         n_before = int((assigned != torch.arange(n)).sum())
         if self.options.max_uses is not None:
             assigned = cap_caption_uses(assigned, own[:, 4], self.options.max_uses)
-        flagged = assigned != torch.arange(n)
+        repaired = assigned != torch.arange(n)
+        keep = self.filter_rows(ctx, own[:, 0]) if self.options.filter_fraction > 0 else None
+        flagged = repaired if keep is None else repaired | ~keep
         # gap: own caption's score minus the best candidate's (0 when the own caption wins), a relative score
         scores = {"match": own[:, 0], "ot": own[:, 1], "global": own[:, 2], "gap": own[:, 0] - own[:, 4]}
-        summary: dict[str, Any] = {"repaired": float(flagged.float().mean()), "repaired_n": int(flagged.sum()),
+        summary: dict[str, Any] = {"repaired": float(repaired.float().mean()), "repaired_n": int(repaired.sum()),
                                    "pool": int(pool.numel()), "token_cache": feats.tokens is not None,
                                    "train_features": float(store.img_ok.float().mean()) if store is not None else 0.0,
                                    "image_tokens": int(own[0, 3]) if n else 0,
                                    "capped_n": n_before - int(flagged.sum()),
                                    "distinct_captions": int(assigned.unique().numel())}
+        if keep is not None:
+            summary.update({"filtered": float((~keep).float().mean()), "filtered_n": int((~keep).sum())})
         poison = [bool(p) for p in ctx.data.poison]
         if any(poison):
             from otcbench.eval.detection import detection_metrics
 
-            m = detection_metrics(flagged, scores, poison)
+            m = detection_metrics(flagged, scores, poison, caption_index=assigned)
             summary.update({k: m[k] for k in ("poison_repaired", "clean_repaired", "detect_auroc_match",
                                               "detect_auroc_ot", "detect_auroc_global", "detect_auroc_gap")})
-        return DataStepResult(caption_index=assigned, flagged=flagged, scores=scores, summary=summary)
+            if keep is not None:
+                is_poison = torch.tensor(poison)
+                summary["poison_filtered"] = float((~keep[is_poison]).float().mean())
+                clean = ~is_poison
+                summary["clean_filtered"] = float((~keep[clean]).float().mean()) if bool(clean.any()) else None
+        return DataStepResult(caption_index=assigned, flagged=flagged, keep=keep, scores=scores, summary=summary)
+
+    def filter_rows(self, ctx: DataContext, score: torch.Tensor) -> torch.Tensor:
+        """Rows kept for training [N] bool: all but the ``filter_fraction`` lowest own-pair scores (ties: the
+        higher row goes first, so the split is deterministic), with ``filter_duplicates`` a filtered row's
+        pixel-identical copies filtered too."""
+        n = score.numel()
+        k = int(self.options.filter_fraction * n)
+        keep = torch.ones(n, dtype=torch.bool)
+        if k == 0:
+            return keep
+        order = torch.argsort(score.cpu().float(), stable=True)
+        keep[order[:k]] = False
+        if self.options.filter_duplicates:
+            _, group = torch.unique(self._image_keys(ctx).cpu(), dim=0, return_inverse=True)
+            dropped = torch.zeros(int(group.max()) + 1, dtype=torch.bool)
+            dropped[group[~keep]] = True
+            keep = ~dropped[group]
+        return keep
 
     # ---- matching internals --------------------------------------------------------------------
 
@@ -591,6 +631,12 @@ class OTCCLIP(Defense):
 
     # ---- features from the training forward passes ------------------------------------------------
 
+    def epoch_indices(self, trainer: Trainer, epoch: int, order: torch.Tensor) -> torch.Tensor:
+        """With ``filter_fraction``: the rows the last matching kept (the whole order before the first matching)."""
+        if self.keep is None or self.keep.numel() != len(trainer.data):
+            return order
+        return order[self.keep[order]]
+
     def _collecting(self, trainer: Trainer) -> bool:
         """Whether this epoch's training forwards should be kept for the matching at the next epoch start."""
         o = self.options
@@ -745,12 +791,15 @@ class OTCCLIP(Defense):
         # the feature store is part of the state while it is being filled (a resume must match with the same
         # features as an uninterrupted run); it is dropped once the matching has used it
         state: dict[str, Any] = {"matched_epoch": self.matched_epoch}
+        if self.keep is not None:
+            state["keep"] = self.keep.clone()
         if self._store is not None:
             state["store"] = self._store.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.matched_epoch = int(state.get("matched_epoch", -1))
+        self.keep = state["keep"].clone() if state.get("keep") is not None else None
         self._store = FeatureStore.from_state(state["store"]) if "store" in state else None
 
 
