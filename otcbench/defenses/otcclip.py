@@ -424,6 +424,10 @@ class OTCCLIP(Defense):
                 summary["poison_filtered"] = float((~keep[is_poison]).float().mean())
                 clean = ~is_poison
                 summary["clean_filtered"] = float((~keep[clean]).float().mean()) if bool(clean.any()) else None
+                names = [str(p) if p else "" for p in ctx.data.poison]
+                for name in sorted({x for x in names if x}):  # per attack: which poison gets through
+                    rows = torch.tensor([x == name for x in names])
+                    summary[f"poison_filtered_{name}"] = float((~keep[rows]).float().mean())
         return DataStepResult(caption_index=assigned, flagged=flagged, keep=keep, scores=scores, summary=summary)
 
     def filter_rows(self, ctx: DataContext, score: torch.Tensor) -> torch.Tensor:
