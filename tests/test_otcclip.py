@@ -413,6 +413,11 @@ def test_fifo_pool_during_training_is_the_last_trained_rows() -> None:
     assert d._pool_rows(ctx, 2).tolist() == sorted(order[5:8].tolist())
     assert d._pool_rows(ctx, None).tolist() == [7, 8, 9]
     assert defense()._pool_rows(ctx, 2).tolist() == list(range(10))
+    # rows the filter left out of epoch 1 were not trained, so they are not in the FIFO either
+    d.keep = torch.ones(10, dtype=torch.bool)
+    d.keep[order[6:8]] = False
+    kept = order[d.keep[order]]  # 8 rows: two full batches of 4
+    assert d._pool_rows(ctx, 2).tolist() == sorted(kept[5:8].tolist())
 
 
 def test_identical_caption_text_is_not_a_replacement(use_world: Callable[[FakeWorld], None]) -> None:

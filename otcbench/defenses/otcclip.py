@@ -464,8 +464,10 @@ class OTCCLIP(Defense):
         from otcbench.train.loop import epoch_order
 
         order = epoch_order(n, cfg.seed, epoch - 1)
-        bs = min(cfg.batch_size, n)
-        used = order[: max(1, n // bs) * bs]
+        if self.keep is not None and self.keep.numel() == n:  # the previous epoch skipped the filtered rows
+            order = order[self.keep[order]]
+        bs = min(cfg.batch_size, len(order))
+        used = order[: max(1, len(order) // bs) * bs]
         return used[-size:].sort().values
 
     def pool_features(self, ctx: DataContext, pool: torch.Tensor, store: FeatureStore | None = None) -> PoolFeatures:
