@@ -198,6 +198,9 @@ def test_a_caption_replaces_at_most_max_uses_captions(use_world: Callable[[FakeW
     assert capped.summary["capped_n"] == 1
     free = defense(top_k=3, max_uses=None).data_step(Ctx(data), None)
     assert free.caption_index[:2].tolist() == [2, 2] and free.summary["capped_n"] == 0
+    # the count is of re-pairs undone by the cap, whatever the filter leaves out besides
+    filtered = defense(top_k=3, filter_fraction=0.75, filter_duplicates=False).data_step(Ctx(data), None)
+    assert filtered.summary["filtered_n"] == 3 and filtered.summary["capped_n"] == 1
 
 
 def ot_vs_global_world() -> tuple[FakeWorld, TrainData]:

@@ -86,7 +86,8 @@ class OTCCLIPOptions(Options):
     )
     margin: float = Field(
         0.05, ge=0, description="re-pair only when the best candidate beats the own caption by more than this "
-        "(0: the abstract's rule; 0.05 kept 1.9 more points of zero-shot accuracy with the filter, docs/otcclip.md)"
+        "(0: the abstract's rule; with the filter on, 0.05 gave 94.5 % zero-shot against 89.2 % for 0 on the "
+        "quickstart, one seed: docs/otcclip.md)"
     )
     exclude_duplicates: bool = Field(
         False, description="leave out of an image's candidates the captions of rows with the pixel-identical image "
@@ -408,7 +409,7 @@ class OTCCLIP(Defense):
                                    "pool": int(pool.numel()), "token_cache": feats.tokens is not None,
                                    "train_features": float(store.img_ok.float().mean()) if store is not None else 0.0,
                                    "image_tokens": int(own[0, 3]) if n else 0,
-                                   "capped_n": n_before - int(flagged.sum()),
+                                   "capped_n": n_before - int(repaired.sum()),
                                    "distinct_captions": int(assigned.unique().numel())}
         if keep is not None:
             summary.update({"filtered": float((~keep).float().mean()), "filtered_n": int((~keep).sum())})
@@ -432,7 +433,7 @@ class OTCCLIP(Defense):
 
     def filter_rows(self, ctx: DataContext, score: torch.Tensor) -> torch.Tensor:
         """Rows kept for training [N] bool: all but the ``filter_fraction`` lowest own-pair scores (ties: the
-        higher row goes first, so the split is deterministic), with ``filter_duplicates`` a filtered row's
+        lower row is filtered first, so the split is deterministic), with ``filter_duplicates`` a filtered row's
         pixel-identical copies filtered too."""
         n = score.numel()
         k = int(self.options.filter_fraction * n)
