@@ -421,14 +421,7 @@ class OTCCLIP(Defense):
             summary.update({k: m[k] for k in ("poison_repaired", "clean_repaired", "detect_auroc_match",
                                               "detect_auroc_ot", "detect_auroc_global", "detect_auroc_gap")})
             if keep is not None:
-                is_poison = torch.tensor(poison)
-                summary["poison_filtered"] = float((~keep[is_poison]).float().mean())
-                clean = ~is_poison
-                summary["clean_filtered"] = float((~keep[clean]).float().mean()) if bool(clean.any()) else None
-                names = [str(p) if p else "" for p in ctx.data.poison]
-                for name in sorted({x for x in names if x}):  # per attack: which poison gets through
-                    rows = torch.tensor([x == name for x in names])
-                    summary[f"poison_filtered_{name}"] = float((~keep[rows]).float().mean())
+                summary.update(_filtered_by_attack(keep, ctx.data.poison))
         return DataStepResult(caption_index=assigned, flagged=flagged, keep=keep, scores=scores, summary=summary)
 
     def filter_rows(self, ctx: DataContext, score: torch.Tensor) -> torch.Tensor:
@@ -465,8 +458,7 @@ class OTCCLIP(Defense):
         from otcbench.train.loop import epoch_order
 
         order = epoch_order(n, cfg.seed, epoch - 1)
-        if self.keep is not None and self.keep.numel() == n:  # the previous epoch skipped the filtered rows
-            order = order[self.keep[order]]
+        order = self._kept(order, n)  # the previous epoch skipped the filtered rows
         bs = min(cfg.batch_size, len(order))
         used = order[: max(1, len(order) // bs) * bs]
         return used[-size:].sort().values
@@ -640,7 +632,11 @@ class OTCCLIP(Defense):
 
     def epoch_indices(self, trainer: Trainer, epoch: int, order: torch.Tensor) -> torch.Tensor:
         """With ``filter_fraction``: the rows the last matching kept (the whole order before the first matching)."""
-        if self.keep is None or self.keep.numel() != len(trainer.data):
+        return self._kept(order, len(trainer.data))
+
+    def _kept(self, order: torch.Tensor, n: int) -> torch.Tensor:
+        """``order`` without the rows the last matching filtered (all of it when nothing is filtered)."""
+        if self.keep is None or self.keep.numel() != n:
             return order
         return order[self.keep[order]]
 
@@ -812,6 +808,21 @@ class OTCCLIP(Defense):
 
 # ------------------------------------------------------------------------------------------------
 # small utilities
+
+
+def _filtered_by_attack(keep: torch.Tensor, poison: list[str]) -> dict[str, float | None]:
+    """Fractions filtered (``~keep``) of the poisoned rows, the clean rows and each attack's rows."""
+    names = [str(p) if p else "" for p in poison]
+    is_poison = torch.tensor([bool(x) for x in names])
+    clean = ~is_poison
+    out: dict[str, float | None] = {
+        "poison_filtered": float((~keep[is_poison]).float().mean()),
+        "clean_filtered": float((~keep[clean]).float().mean()) if bool(clean.any()) else None,
+    }
+    for name in sorted({x for x in names if x}):  # per attack: which poison gets through
+        rows = torch.tensor([x == name for x in names])
+        out[f"poison_filtered_{name}"] = float((~keep[rows]).float().mean())
+    return out
 
 
 def _augmenters(modalities: str) -> tuple[Any, Any]:
