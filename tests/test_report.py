@@ -19,6 +19,7 @@ from otcbench.bench.report import (
     latex_table,
     lower_is_better,
     markdown_table,
+    overview_table,
     read_summary,
     write_report,
 )
@@ -164,3 +165,36 @@ def test_a_collapsed_model_is_marked_and_never_wins_an_asr_column(tmp_path: Path
     assert lines[3] == "| badnet | roclip † | 1/1 | 9.0 | 0.0 |"
     assert lines[4] == "| badnet | otcclip | 1/1 | 88.0 | **5.0** |"
     assert "† zero-shot below twice chance" in markdown_table(df)
+
+
+def test_overview_is_attack_by_defense_with_partial_cells_marked(tmp_path: Path) -> None:
+    df = read_summary(summary(tmp_path))
+    lines = overview_table(df, "demo").splitlines()
+    assert lines[0] == "### demo: at a glance"
+    assert lines[2] == "| attack | metric | none | roclip |"
+    assert lines[4] == "| clean | zero-shot top-1 ↑ | 80.0 |  |"  # the clean reference: accuracy, no ASR
+    # roclip's third seed failed: its cell says 2 of 3 seeds; the lowest ASR of the row is bold
+    assert lines[5] == "| badnet | ASR backdoor ↓ | 95.0 ± 5.0 | **15.0 ± 7.1** (2/3) |"
+    assert lines[6] == "| badnet rate=0.005 | ASR backdoor ↓ | 40.0 | **0.0** |"
+    # every finished run of a defense: none (.80 .70 .72 .74 .78 .70) and roclip (.75 .77 .77 .74)
+    assert lines[8] == "| *all attacks* | zero-shot top-1 ↑ | 74.0 (n=6) | 75.8 (n=4) |"
+
+
+def test_overview_gives_both_asrs_of_a_combined_attack_and_never_ranks_a_collapsed_model() -> None:
+    rows = [row("n0", "targeted+badnet", "none", 0, zeroshot_top1=0.90, asr_targeted=1.0, asr_backdoor=0.9,
+                n_classes=12),
+            row("r0", "targeted+badnet", "roclip", 0, zeroshot_top1=0.05, asr_targeted=0.0, asr_backdoor=0.0,
+                n_classes=12),
+            row("o0", "targeted+badnet", "otcclip", 0, zeroshot_top1=0.88, asr_targeted=0.0625,
+                asr_backdoor=0.01, n_classes=12)]
+    df = pd.DataFrame(rows, columns=HEAD + META + ["zeroshot_top1", "asr_targeted", "asr_backdoor", "n_classes"])
+    lines = overview_table(df).splitlines()
+    assert lines[4] == "| targeted+badnet | ASR targeted ↓ | 100.0 | 0.0 † | **6.2** |"
+    assert lines[5] == "| targeted+badnet | ASR backdoor ↓ | 90.0 | 0.0 † | **1.0** |"
+
+
+def test_table_md_holds_the_overview_after_the_full_table(tmp_path: Path) -> None:
+    out = summary(tmp_path)
+    md = write_report(out, plots=False)
+    assert md.index("### demo\n") < md.index("### demo: at a glance")
+    assert (out / "table.md").read_text() == md

@@ -6,7 +6,8 @@ and plot is rebuilt from it alone (plus each run's ``log.jsonl`` for training cu
 
 Tables: one row per (attack, defense) in recipe order, one column per metric, mean ± sample std over
 the seeds that finished, in percent. Within each attack, the best value of each column is bold —
-lowest for attack success rates (↓), highest for accuracies and detection scores (↑).
+lowest for attack success rates (↓), highest for accuracies and detection scores (↑). ``table.md`` then
+holds the same results at a glance: one row per attack, one column per defense, each attack's headline ASR.
 """
 
 from __future__ import annotations
@@ -272,6 +273,59 @@ def markdown_table(df: pd.DataFrame, title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+#: The one number that says whether an attack took, in this order of preference.
+HEADLINE_ASR = ("asr_targeted", "asr_backdoor")
+
+
+def overview_table(df: pd.DataFrame, title: str = "") -> str:
+    """Attack × defense at a glance (markdown): each attack's ASR (targeted and/or backdoor) per defense,
+    the clean row's zero-shot top-1, and a last row with each defense's zero-shot top-1 averaged over all
+    its finished runs.
+
+    The full table says everything; this one is the picture a reader looks for first. A cell with fewer
+    finished than planned seeds carries ``(finished/planned)``; the best cell of a row is bold, and a
+    collapsed model (†, see :func:`collapsed_rows`) never wins an ASR row.
+    """
+    agg = aggregate(df)
+    if agg.empty:
+        return ""
+    metrics = set(table_metrics(df))
+    collapsed = collapsed_rows(agg, df)
+    defenses = list(dict.fromkeys(agg["defense"]))
+    lines = [f"### {title}: at a glance" if title else "### at a glance", ""]
+    lines.append("| attack | metric | " + " | ".join(defenses) + " |")
+    lines.append("|---|---|" + "---:|" * len(defenses))
+    for attack, g in agg.groupby("attack", sort=False):
+        shown = [m for m in HEADLINE_ASR if m in metrics and g[f"{m}_mean"].notna().any()]
+        if not shown and "zeroshot_top1" in metrics:
+            shown = ["zeroshot_top1"]
+        for metric in shown:
+            best = _best(g, metric, collapsed)
+            cells = {}
+            for i, r in g.iterrows():
+                text = _fmt(r[f"{metric}_mean"], r[f"{metric}_std"], True, "±")
+                if i in best:
+                    text = f"**{text}**"
+                if i in collapsed:
+                    text += " †"
+                if r["n_done"] < r["n_runs"] and not math.isnan(r[f"{metric}_mean"]):
+                    text += f" ({r['n_done']}/{r['n_runs']})"
+                cells[r["defense"]] = text
+            name = METRIC_NAMES.get(metric, metric) + (" ↓" if lower_is_better(metric) else " ↑")
+            lines.append(f"| {str(attack).replace('|', chr(92) + '|')} | {name} | "
+                         + " | ".join(cells.get(d, "") for d in defenses) + " |")
+    if "zeroshot_top1" in metrics:
+        done = df[df["status"] == "done"]
+        means = []
+        for d in defenses:
+            vals = done.loc[done["defense"] == d, "zeroshot_top1"].dropna().astype(float)
+            means.append(f"{vals.mean() * 100:.1f} (n={len(vals)})" if len(vals) else "–")
+        lines.append("| *all attacks* | zero-shot top-1 ↑ | " + " | ".join(means) + " |")
+    lines += ["", "In %: mean ± sample std over seeds; (finished/planned) marks a partial cell; best per row in "
+              "bold; the last row averages every finished run of the defense (n runs)."]
+    return "\n".join(lines) + "\n"
+
+
 _TEX_ESCAPE = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
                "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
 
@@ -317,6 +371,9 @@ def write_report(out: str | Path, *, plan: Plan | None = None, plots: bool = Tru
         df = read_summary(out)
         title = _recipe_name(out)
     md = markdown_table(df, title)
+    overview = overview_table(df, title)
+    if overview:
+        md += "\n" + overview
     atomic_write_text(out / "table.md", md)
     atomic_write_text(out / "table.tex", latex_table(df, title))
     if plots:
