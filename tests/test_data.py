@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 from collections import Counter
@@ -37,6 +38,7 @@ from otcbench.data.format import (
     read_meta,
     save_eval_set,
     save_pair_dataset,
+    staged_extras,
 )
 from otcbench.data.show import render_stats_table, show_dataset
 from otcbench.data.synth import (
@@ -574,3 +576,18 @@ def test_show_reports_modified_data_and_refuses_bad_output(world: Path, tmp_path
     assert "MISMATCH" in console.export_text()
     with pytest.raises(UserError, match="does not exist"):
         show_dataset(tmp_path / "missing")
+
+
+def test_staged_extras_links_the_source_relatively_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    src = tmp_path / "sets" / "source"
+    src.mkdir(parents=True)
+    (src / "a.txt").write_text("x")
+    out = tmp_path / "sets" / "derived"
+    with pytest.raises(RuntimeError, match="boom"), staged_extras(out, src) as (staging, extra):
+        link = extra["source"]
+        assert os.readlink(link) == os.path.join("..", "source")  # relative to out: the pair can move together
+        assert (link / "a.txt").read_text() == "x"  # the scratch folder sits beside out, so it resolves there too
+        raise RuntimeError("boom")
+    assert not staging.exists() and sorted(p.name for p in (tmp_path / "sets").iterdir()) == ["source"]
+    with staged_extras(out) as (_, extra):
+        assert extra == {}

@@ -15,9 +15,7 @@ images (as bytes). Moving ``OUT`` away from the source breaks the link (docs/dat
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from otcbench import __version__
 from otcbench.attacks.base import ATTACKS, Attack, PoisonContext, PoisonRows
 from otcbench.config import apply_overrides
 from otcbench.data.format import (
+    SOURCE_LINK,
     DatasetMeta,
     ImageBlobs,
     build_pair_dataset,
@@ -36,12 +35,11 @@ from otcbench.data.format import (
     load_eval_set,
     load_pair_dataset,
     save_pair_dataset,
+    staged_extras,
 )
 from otcbench.errors import UserError
 
 TARGETS_DIR = "targets"
-#: The link inside a poisoned dataset to its path-based source's directory.
-SOURCE_LINK = "source"
 
 
 def attack_options(names: list[str], overrides: list[str] | None) -> list[tuple[str, dict[str, Any]]]:
@@ -148,15 +146,7 @@ def poison_dataset(
         synonyms=src.meta.synonyms,
         eval_set="eval" if eval_set is not None else None,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.parts-", dir=out.parent))
-    try:
-        extra: dict[str, Path] = {}
-        if linked:
-            # A relative link keeps working when source and poisoned set move together.
-            os.symlink(os.path.relpath(src.path.resolve(), out.resolve()), staging / SOURCE_LINK,
-                       target_is_directory=True)
-            extra[SOURCE_LINK] = staging / SOURCE_LINK
+    with staged_extras(out, src.path if linked else None) as (staging, extra):
         if eval_set is not None:
             shutil.copytree(eval_set.path, staging / "eval")
             extra["eval"] = staging / "eval"
@@ -174,7 +164,4 @@ def poison_dataset(
             "attacks": manifest_attacks,
             "targets_fingerprint": targets_fp,
         }
-        meta = save_pair_dataset(ds, out, meta, overwrite=overwrite, extra_dirs=extra)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return meta
+        return save_pair_dataset(ds, out, meta, overwrite=overwrite, extra_dirs=extra)

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -166,6 +167,38 @@ def _commit_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+def _finish_dir(tmp: Path, out: Path, meta: DatasetMeta, extra_dirs: dict[str, Path] | None) -> None:
+    """Move ``extra_dirs`` into ``tmp``, write its ``otcbench.json`` and put it in place of ``out``."""
+    for name, src in (extra_dirs or {}).items():
+        os.replace(src, tmp / name)
+    write_meta(tmp, meta)
+    _commit_dir(tmp, out)
+
+
+#: The link inside a derived (poisoned or defended) dataset to its path-based source's directory.
+SOURCE_LINK = "source"
+
+
+@contextmanager
+def staged_extras(out: Path, link_source: Path | None = None) -> Iterator[tuple[Path, dict[str, Path]]]:
+    """A scratch folder beside ``out`` for the files a dataset is saved with (``extra_dirs``), removed on exit.
+
+    With ``link_source`` it already holds :data:`SOURCE_LINK`, a link to that directory relative to ``out``,
+    so that a source and the set derived from it keep working when moved together.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.parts-", dir=out.parent))
+    try:
+        extra: dict[str, Path] = {}
+        if link_source is not None:
+            os.symlink(os.path.relpath(link_source.resolve(), out.resolve()), staging / SOURCE_LINK,
+                       target_is_directory=True)
+            extra[SOURCE_LINK] = staging / SOURCE_LINK
+        yield staging, extra
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def write_meta(directory: Path, meta: DatasetMeta) -> None:
     """Write ``otcbench.json`` atomically."""
     tmp = directory / (META_FILE + ".tmp")
@@ -197,10 +230,7 @@ def save_pair_dataset(
                 "counts": {**meta.counts, "pairs": len(ds), "poisoned": sum(1 for p in ds["poison"] if p)},
             }
         )
-        for name, src in (extra_dirs or {}).items():
-            os.replace(src, tmp / name)
-        write_meta(tmp, meta)
-        _commit_dir(tmp, out)
+        _finish_dir(tmp, out, meta, extra_dirs)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -235,10 +265,7 @@ def save_eval_set(
                 "counts": {**meta.counts, **{k: len(v) for k, v in splits.items()}},
             }
         )
-        for name, src in (extra_dirs or {}).items():
-            os.replace(src, tmp / name)
-        write_meta(tmp, meta)
-        _commit_dir(tmp, out)
+        _finish_dir(tmp, out, meta, extra_dirs)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

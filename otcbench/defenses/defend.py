@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,14 +39,15 @@ import torch
 from pydantic import Field
 
 from otcbench import __version__
-from otcbench.attacks.poison import SOURCE_LINK
 from otcbench.config import Options, TrainConfig, validate
 from otcbench.data.format import (
+    SOURCE_LINK,
     build_pair_dataset,
     has_image_paths,
     image_cells,
     load_pair_dataset,
     save_pair_dataset,
+    staged_extras,
 )
 from otcbench.defenses.base import DEFENSES, DataStepResult, Defense
 from otcbench.errors import UserError
@@ -246,15 +245,7 @@ def run_defend(
                                                        "source_fingerprint": src.meta.fingerprint,
                                                        "source_link": SOURCE_LINK if linked else None},
                        "seed": None}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.parts-", dir=out.parent))
-    try:
-        extra: dict[str, Path] = {}
-        if linked:
-            # relative, so source and defended set can move together
-            os.symlink(os.path.relpath(src.path.resolve(), out.resolve()), staging / SOURCE_LINK,
-                       target_is_directory=True)
-            extra[SOURCE_LINK] = staging / SOURCE_LINK
+    with staged_extras(out, src.path if linked else None) as (staging, extra):
         for sub in CARRIED_DIRS:
             if (src.path / sub).is_dir():
                 shutil.copytree(src.path / sub, staging / sub)
@@ -265,8 +256,6 @@ def run_defend(
         (staging / REPORT).write_text(json.dumps(report, indent=2))
         extra[REPORT] = staging / REPORT
         save_pair_dataset(ds, out, meta, overwrite=out.exists(), extra_dirs=extra)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return {**report, "out": str(out)}
 
 
