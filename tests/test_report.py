@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from otcbench.bench.plots import write_plots
+from otcbench.bench.plots import attack_markers, write_plots
 from otcbench.bench.report import (
     HEAD,
     META,
@@ -198,3 +198,14 @@ def test_table_md_holds_the_overview_after_the_full_table(tmp_path: Path) -> Non
     md = write_report(out, plots=False)
     assert md.index("### demo\n") < md.index("### demo: at a glance")
     assert (out / "table.md").read_text() == md
+
+
+def test_every_synthetic_full_attack_gets_its_own_marker(tmp_path: Path) -> None:
+    """The 11-marker list gave targeted and adaptive-spread the same square in synthetic-full's plot."""
+    from otcbench.bench.recipe import load_recipe
+    from otcbench.bench.runner import plan_recipe
+
+    rec, _ = load_recipe("synthetic-full", [])
+    attacks = list(dict.fromkeys(r.attack.label for r in plan_recipe(rec, tmp_path / "res").runs))
+    assert len(attacks) == 13
+    assert len(set(attack_markers(attacks).values())) == len(attacks)

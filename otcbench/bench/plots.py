@@ -18,7 +18,13 @@ from pathlib import Path
 import pandas as pd
 
 ASR_METRICS = ("asr_targeted", "asr_backdoor", "asr_backdoor_probe")
-MARKERS = "osD^v<>pXh*"
+#: Distinct filled matplotlib markers; synthetic-full alone has 13 attacks.
+MARKERS = "osD^v<>pXh*PdH8"
+
+
+def attack_markers(attacks: list[str]) -> dict[str, str]:
+    """One marker per attack; past ``len(MARKERS)`` attacks markers repeat (the legend still names each)."""
+    return {a: MARKERS[i % len(MARKERS)] for i, a in enumerate(attacks)}
 
 
 def _plt():
@@ -59,7 +65,7 @@ def plot_asr_vs_accuracy(df: pd.DataFrame, path: Path) -> bool:
     plt = _plt()
     colours = _colours(_ordered(df["defense"]))
     attacks = _ordered(df["attack"])
-    markers = {a: MARKERS[i % len(MARKERS)] for i, a in enumerate(attacks)}
+    markers = attack_markers(attacks)
     clean = done[(done["attack"] == "clean") & (done["defense_name"] == "none")] if "defense_name" in done else None
     fig, axes = _grid(len(metrics), plt)
     for ax, m in zip(axes, metrics, strict=True):
