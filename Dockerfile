@@ -10,7 +10,9 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /opt/otcbench
 COPY pyproject.toml README.md ./
 COPY otcbench ./otcbench
-COPY recipes ./recipes
+# recipes/ is a link to otcbench/recipes in the repository; COPY's handling of a linked source differs
+# between builders, so the link is made here.
+RUN ln -s otcbench/recipes recipes
 # Same install as the README (editable so recipes and bundled configs resolve from the source tree).
 RUN pip install -e . && python -c "import open_clip, otcbench.models; print('ok')"
 
