@@ -126,3 +126,18 @@ def test_cleanclip_resumes_exactly(cleanclip_run: Path, cleanclip_job: TrainJob,
     Trainer(cleanclip_job, run, resume=True, show_progress=False).fit()
     a, b = last_state(run), last_state(cleanclip_run)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_world_config_is_not_fooled_by_synth_in_a_poisoned_sets_path(tmp_path: Path) -> None:
+    """synthetic-full's poisoned sets live under results/synthetic-full/: their poison command mentions
+    "synth", which made all 36 CleanCLIP runs of that recipe fail to find their world."""
+    world, poisoned = tmp_path / "synthetic-full" / "world", tmp_path / "synthetic-full" / "poison"
+    cfg = SynthConfig(n_train=50, seed=3)
+    for d in (world, poisoned):
+        d.mkdir(parents=True)
+    write_meta(world, DatasetMeta(kind="pairs", created_by={"command": f"otcbench data synth {world}",
+                                                            "options": cfg.model_dump(mode="json")}))
+    write_meta(poisoned, DatasetMeta(kind="pairs", created_by={"command": f"otcbench poison {world} {poisoned}",
+                                                               "options": {"attacks": [["badnet", {}]]}},
+                                     poison={"source": {"path": str(world)}}))
+    assert world_config(DatasetMeta.model_validate_json((poisoned / "otcbench.json").read_text()), poisoned) == cfg

@@ -80,7 +80,8 @@ def world_config(meta: DatasetMeta, path: Path, depth: int = 8) -> SynthConfig |
     clean source; None when the chain does not end at a synthetic world."""
     for _ in range(depth):
         made = meta.created_by or {}
-        if "synth" in str(made.get("command", "")) and isinstance(made.get("options"), dict):
+        # the subcommand, not a substring: a poisoned set under results/synthetic-full/ mentions "synth" too
+        if str(made.get("command", "")).split()[1:3] == ["data", "synth"] and isinstance(made.get("options"), dict):
             try:
                 return SynthConfig.model_validate(made["options"])
             except ValueError:
