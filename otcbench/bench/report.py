@@ -7,7 +7,7 @@ and plot is rebuilt from it alone (plus each run's ``log.jsonl`` for training cu
 Tables: one row per (attack, defense) in recipe order, one column per metric, mean ± sample std over
 the seeds that finished, in percent. Within each attack, the best value of each column is bold —
 lowest for attack success rates (↓), highest for accuracies and detection scores (↑). ``table.md`` then
-holds the same results at a glance: one row per attack, one column per defense, each attack's headline ASR.
+holds the same results at a glance: one row per attack and ASR metric, one column per defense.
 """
 
 from __future__ import annotations
@@ -273,7 +273,7 @@ def markdown_table(df: pd.DataFrame, title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-#: The one number that says whether an attack took, in this order of preference.
+#: The ASR metrics the overview shows, one row each, for the attacks that have them.
 HEADLINE_ASR = ("asr_targeted", "asr_backdoor")
 
 
