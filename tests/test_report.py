@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from otcbench.bench.logs import DETECTION_COLUMNS, detection_curves, loss_curve
 from otcbench.bench.plots import attack_markers, write_plots
 from otcbench.bench.report import (
     HEAD,
@@ -209,3 +210,40 @@ def test_every_synthetic_full_attack_gets_its_own_marker(tmp_path: Path) -> None
     attacks = list(dict.fromkeys(r.attack.label for r in plan_recipe(rec, tmp_path / "res").runs))
     assert len(attacks) == 13
     assert len(set(attack_markers(attacks).values())) == len(attacks)
+
+
+def test_detection_curves_from_logs_and_plot(tmp_path: Path) -> None:
+    """OTCCLIP's filter and SafeCLIP's risky set are read per data step; other runs and records are ignored."""
+    out = summary(tmp_path)
+    df = read_summary(out)
+    df.loc[df["run_id"] == "r0", "defense"] = "otcclip"  # a filtering defense on two seeds of badnet
+    df.loc[df["run_id"] == "r1", "defense"] = "otcclip"
+
+    def log(run_id: str, *recs: dict[str, Any]) -> None:
+        (out / "runs" / run_id).mkdir(parents=True)
+        (out / "runs" / run_id / "log.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n{\"torn")
+
+    step = {"type": "step", "step": 1, "epoch": 0, "loss": 3.0}
+    log("r0", step, {"type": "otcclip_match", "epoch": 1, "poison_filtered": 0.2},
+        {"type": "otcclip_match", "epoch": 3, "poison_filtered": 0.6})
+    log("r1", step, {"type": "otcclip_match", "epoch": 1, "poison_filtered": 0.4},
+        {"type": "otcclip_match", "epoch": 3, "poison_filtered": 0.8})
+    log("n0", step, {"type": "safeclip", "epoch": 6, "risky_poison_recall": 0.9},
+        {"type": "otcclip_match", "epoch": 1, "repaired": 0.3})  # a match record without poison: no point
+    log("c0", step)
+
+    curves = detection_curves(df, out)
+    assert list(curves.columns) == DETECTION_COLUMNS
+    got = {(r.run_id, r.epoch): r.caught for r in curves.itertuples()}
+    assert got == {("r0", 1): 0.2, ("r0", 3): 0.6, ("r1", 1): 0.4, ("r1", 3): 0.8, ("n0", 6): 0.9}
+    assert set(curves.loc[curves["run_id"] == "r0", "attack"]) == {"badnet"}
+    mean = curves[curves["defense"] == "otcclip"].groupby("epoch")["caught"].mean()
+    assert mean.to_dict() == pytest.approx({1: 0.3, 3: 0.7})
+    assert loss_curve(out / "runs" / "r0" / "log.jsonl").to_dict("list") == {"step": [1], "loss": [3.0]}
+
+    files = write_plots(df, out)
+    assert out / "plots" / "detection.png" in files
+    with Image.open(out / "plots" / "detection.png") as img:
+        img.verify()
+        assert img.format == "PNG"
+    assert detection_curves(df[df["run_id"] == "c0"], out).empty  # no filtering defense: no plot

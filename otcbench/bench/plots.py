@@ -7,15 +7,19 @@
   ASR against the swept value, one line per defense.
 * ``plots/curves.png`` — training loss against step from each run's ``log.jsonl``, one panel per
   attack, one colour per defense (one line per seed).
+* ``plots/detection.png`` — where a defense logs it (OTCCLIP's pair filter, SafeCLIP's risky set): the share
+  of poisoned pairs kept out of the contrastive loss against epoch, one panel per attack, one colour per
+  defense, mean over seeds with the min–max band (:func:`otcbench.bench.logs.detection_curves`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pandas as pd
+
+from otcbench.bench.logs import detection_curves, loss_curve
 
 ASR_METRICS = ("asr_targeted", "asr_backdoor", "asr_backdoor_probe")
 #: Distinct filled matplotlib markers; synthetic-full alone has 13 attacks.
@@ -138,25 +142,13 @@ def plot_asr_vs_sweep(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     return written
 
 
-def _read_log(path: Path) -> pd.DataFrame:
-    recs = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by an interruption
-        if rec.get("type") == "step" and "loss" in rec:
-            recs.append((rec["step"], rec["loss"]))
-    return pd.DataFrame(recs, columns=["step", "loss"])
-
-
 def plot_curves(df: pd.DataFrame, results_dir: Path, path: Path) -> bool:
     """Training loss curves from the runs' log.jsonl; False when no log exists."""
     logs = {}
     for _, r in df.iterrows():
         f = results_dir / "runs" / str(r["run_id"]) / "log.jsonl"
         if f.is_file():
-            curve = _read_log(f)
+            curve = loss_curve(f)
             if len(curve):
                 logs[r["run_id"]] = curve
     if not logs:
@@ -183,6 +175,35 @@ def plot_curves(df: pd.DataFrame, results_dir: Path, path: Path) -> bool:
     return True
 
 
+def plot_detection(curves: pd.DataFrame, path: Path) -> bool:
+    """Share of poisoned pairs kept out of training against epoch (``detection_curves``); False when empty."""
+    if curves.empty:
+        return False
+    plt = _plt()
+    colours = _colours(_ordered(curves["defense"]))
+    attacks = _ordered(curves["attack"])
+    fig, axes = _grid(len(attacks), plt, height=3.4)
+    for ax, attack in zip(axes, attacks, strict=True):
+        for defense, g in curves[curves["attack"] == attack].groupby("defense", sort=False):
+            stats = g.groupby("epoch")["caught"].agg(["mean", "min", "max"])
+            seeds = g["seed"].nunique()
+            ax.plot(stats.index, 100 * stats["mean"], marker="o", ms=3, color=colours[defense],
+                    label=f"{defense} (n={seeds})")
+            if seeds > 1:
+                ax.fill_between(stats.index, 100 * stats["min"], 100 * stats["max"], color=colours[defense],
+                                alpha=0.2, lw=0)
+        ax.set_title(attack)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("poisoned pairs kept out (%)")
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def write_plots(df: pd.DataFrame, results_dir: str | Path) -> list[Path]:
     """Write every plot the results allow into ``results_dir/plots``; returns the files written."""
     out = Path(results_dir) / "plots"
@@ -193,4 +214,6 @@ def write_plots(df: pd.DataFrame, results_dir: str | Path) -> list[Path]:
     written += plot_asr_vs_sweep(df, out)
     if plot_curves(df, Path(results_dir), out / "curves.png"):
         written.append(out / "curves.png")
+    if plot_detection(detection_curves(df, results_dir), out / "detection.png"):
+        written.append(out / "detection.png")
     return written

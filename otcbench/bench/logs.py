@@ -1,0 +1,58 @@
+"""Readers of the runs' training logs (``runs/<id>/log.jsonl``) for reports and notebooks.
+
+* :func:`loss_curve` — training loss against step of one run.
+* :func:`detection_curves` — for every run of a results directory whose defense logs it, the share of the
+  poisoned pairs it keeps out of the contrastive loss at each of its data steps: OTCCLIP's pair filter
+  (``otcclip_match`` records, ``poison_filtered``) and SafeCLIP's risky set (``safeclip`` records,
+  ``risky_poison_recall``). RoCLIP only re-pairs, so it has no such curve.
+
+A log line torn by an interruption is skipped, so a partial run still reads.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+#: log record type → the key holding the share of poisoned pairs kept out of the contrastive loss
+DETECTION_KEYS = {"otcclip_match": "poison_filtered", "safeclip": "risky_poison_recall"}
+DETECTION_COLUMNS = ["run_id", "attack", "defense", "seed", "epoch", "caught"]
+
+
+def _records(path: Path) -> Iterator[dict[str, Any]]:
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by an interruption
+        if isinstance(rec, dict):
+            yield rec
+
+
+def loss_curve(path: str | Path) -> pd.DataFrame:
+    """Training loss of one run: columns ``step, loss`` from the ``step`` records of its log.jsonl."""
+    recs = [(r["step"], r["loss"]) for r in _records(Path(path)) if r.get("type") == "step" and "loss" in r]
+    return pd.DataFrame(recs, columns=["step", "loss"])
+
+
+def detection_curves(df: pd.DataFrame, results_dir: str | Path) -> pd.DataFrame:
+    """Share of poisoned pairs each run's defense keeps out of the contrastive loss, per data step.
+
+    ``df`` is a summary (``read_summary``); runs without a log, or whose defense logs no such share (no
+    poison, or a defense that does not filter), contribute nothing. Columns: ``DETECTION_COLUMNS``;
+    ``caught`` is in [0, 1] and ``epoch`` the epoch of the data step.
+    """
+    rows = []
+    for _, r in df.iterrows():
+        f = Path(results_dir) / "runs" / str(r["run_id"]) / "log.jsonl"
+        if not f.is_file():
+            continue
+        for rec in _records(f):
+            key = DETECTION_KEYS.get(str(rec.get("type")))
+            if key is not None and key in rec and "epoch" in rec:
+                rows.append((r["run_id"], r["attack"], r["defense"], r["seed"], int(rec["epoch"]), float(rec[key])))
+    return pd.DataFrame(rows, columns=DETECTION_COLUMNS)
