@@ -23,6 +23,11 @@ DETECTION_KEYS = {"otcclip_match": "poison_filtered", "safeclip": "risky_poison_
 DETECTION_COLUMNS = ["run_id", "attack", "defense", "seed", "epoch", "caught"]
 
 
+def run_log(results_dir: str | Path, run_id: str) -> Path:
+    """Where a results directory keeps one run's log."""
+    return Path(results_dir) / "runs" / str(run_id) / "log.jsonl"
+
+
 def _records(path: Path) -> Iterator[dict[str, Any]]:
     for line in path.read_text().splitlines():
         try:
@@ -48,7 +53,7 @@ def detection_curves(df: pd.DataFrame, results_dir: str | Path) -> pd.DataFrame:
     """
     rows = []
     for _, r in df.iterrows():
-        f = Path(results_dir) / "runs" / str(r["run_id"]) / "log.jsonl"
+        f = run_log(results_dir, r["run_id"])
         if not f.is_file():
             continue
         for rec in _records(f):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from otcbench.bench.logs import detection_curves, loss_curve
+from otcbench.bench.logs import detection_curves, loss_curve, run_log
 
 ASR_METRICS = ("asr_targeted", "asr_backdoor", "asr_backdoor_probe")
 #: Distinct filled matplotlib markers; synthetic-full alone has 13 attacks.
@@ -142,11 +142,26 @@ def plot_asr_vs_sweep(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     return written
 
 
+def _label_panel(ax, title: str, xlabel: str, ylabel: str) -> None:
+    """Title, axis labels, grid and legend of one per-attack panel (curves, detection)."""
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _save_panels(fig, path: Path, plt) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_curves(df: pd.DataFrame, results_dir: Path, path: Path) -> bool:
     """Training loss curves from the runs' log.jsonl; False when no log exists."""
     logs = {}
     for _, r in df.iterrows():
-        f = results_dir / "runs" / str(r["run_id"]) / "log.jsonl"
+        f = run_log(results_dir, r["run_id"])
         if f.is_file():
             curve = loss_curve(f)
             if len(curve):
@@ -164,14 +179,8 @@ def plot_curves(df: pd.DataFrame, results_dir: Path, path: Path) -> bool:
             label = None if r["defense"] in labelled else r["defense"]
             labelled.add(r["defense"])
             ax.plot(c["step"], c["loss"], color=colours[r["defense"]], lw=1, alpha=0.85, label=label)
-        ax.set_title(attack)
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        _label_panel(ax, attack, "step", "training loss")
+    _save_panels(fig, path, plt)
     return True
 
 
@@ -192,15 +201,9 @@ def plot_detection(curves: pd.DataFrame, path: Path) -> bool:
             if seeds > 1:
                 ax.fill_between(stats.index, 100 * stats["min"], 100 * stats["max"], color=colours[defense],
                                 alpha=0.2, lw=0)
-        ax.set_title(attack)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("poisoned pairs kept out (%)")
         ax.set_ylim(-3, 103)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        _label_panel(ax, attack, "epoch", "poisoned pairs kept out (%)")
+    _save_panels(fig, path, plt)
     return True
 
 
