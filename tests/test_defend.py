@@ -44,7 +44,7 @@ def poisoned(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.fixture(scope="module")
 def defended(poisoned: Path, trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("defended") / "out"
-    report = run_defend(poisoned, out, defense="otcclip", checkpoint=trained_run, options={"top_k": 3},
+    report = run_defend(poisoned, out, defense="otcclip+filter", checkpoint=trained_run, options={"top_k": 3},
                         batch_size=128, device="cpu", show_progress=False)
     return out, report
 
@@ -59,7 +59,7 @@ def test_defend_writes_repaired_dataset(defended: tuple[Path, dict], poisoned: P
     for col in ("label", "poison", "origin"):
         assert list(dst.ds[col]) == list(src.ds[col])
     assert dst.meta.poison == src.meta.poison and dst.meta.classnames == src.meta.classnames
-    assert dst.meta.created_by["options"]["defense"] == "otcclip"
+    assert dst.meta.created_by["options"]["defense"] == "otcclip+filter"
     # the eval set and the targets travel with it: `eval --poison OUT` works on the defended dataset
     assert (out / "eval").is_dir() and (out / "targets").is_dir()
     load_poisoned(out)
@@ -96,6 +96,11 @@ def test_pair_scores_and_report_agree(defended: tuple[Path, dict]) -> None:
     for name in ("match", "ot", "global", "gap"):
         assert 0.0 <= report[f"detect_auroc_{name}"] <= 1.0
     assert report["detect_auroc"] == report["detect_auroc_match"]
+    # match precision of the re-pairs, and of what the global score alone would have picked
+    summary = report["summary"]
+    assert summary["match_n"] == int(repaired.sum())
+    assert summary["match_precision"] is None or 0.0 <= summary["match_precision"] <= 1.0
+    assert "match_precision_global" in summary and "match_precision_ot" in summary
 
 
 class _Filter(Defense):

@@ -1,8 +1,8 @@
 """Tests for the otcclip defense: matching mechanism on hand-built features, losses against their formulas,
 sharding, the caption pool, exact resume with matching, options.
 
-Feature-level tests substitute the model's feature extractors (``otcclip._image_features`` /
-``_text_features``) with lookup tables, so the expected assignment is known by construction.
+Feature-level tests substitute the model's feature extractors (``otcclip.features.image_features`` /
+``text_features``) with lookup tables, so the expected assignment is known by construction.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from otcbench.config import DefenseConfig, SynthConfig, TrainJob
 from otcbench.data.synth import write_world
 from otcbench.defenses import DEFENSES
 from otcbench.defenses import otcclip as oc
+from otcbench.defenses.otcclip import features as oc_features
+from otcbench.defenses.otcclip import losses as oc_losses
 from otcbench.errors import UserError
 from otcbench.models import encode_image_tokens, encode_text_tokens
 from otcbench.train.data import TrainData
@@ -99,17 +101,19 @@ class Ctx:
         return 2  # several chunks even on tiny data
 
 
-def defense(**options: Any) -> oc.OTCCLIP:
-    """The defense with ``options``; without the pair filter unless asked (the matching tests test the matching)."""
+def defense(name: str = "otcclip+filter", **options: Any) -> oc.OTCCLIP:
+    """The defense with ``options``; without the pair filter unless asked (the matching tests test the matching).
+
+    ``otcclip+filter`` by default: the own caption competes, the rule most mechanism tests were written for."""
     options.setdefault("filter_fraction", 0.0)
-    return DEFENSES.get("otcclip")(DEFENSES.options("otcclip", options))
+    return DEFENSES.get(name)(DEFENSES.options(name, options))
 
 
 @pytest.fixture
 def use_world(monkeypatch: pytest.MonkeyPatch) -> Callable[[FakeWorld], None]:
     def install(world: FakeWorld) -> None:
-        monkeypatch.setattr(oc, "_image_features", world.image_features)
-        monkeypatch.setattr(oc, "_text_features", world.text_features)
+        monkeypatch.setattr(oc_features, "image_features", world.image_features)
+        monkeypatch.setattr(oc_features, "text_features", world.text_features)
 
     return install
 
@@ -304,7 +308,7 @@ def test_shards_concatenate_to_the_full_result(use_world: Callable[[FakeWorld], 
     full = d.score_rows(ctx, 0, 13, pool)
     parts = [d.score_rows(ctx, lo, hi, pool) for lo, hi in ((0, 1), (1, 9), (9, 13))]
     assert torch.equal(torch.cat([p[0] for p in parts]), full[0])
-    assert torch.allclose(torch.cat([p[1] for p in parts]), full[1])
+    assert torch.allclose(torch.cat([p[1].stack() for p in parts]), full[1].stack())
 
 
 def random_world(seed: int, n: int = 13) -> tuple[FakeWorld, TrainData]:
@@ -338,7 +342,7 @@ def test_matching_from_stored_training_features_equals_fresh_matching(use_world:
     g_t, w, m = world.text_features(None, data.tokens)
     m = m.clone()
     m[:, 0] = False
-    st = oc.FeatureStore.empty(1, 15, v.shape[1], w.shape[1], D, torch.device("cpu"))
+    st = oc_features.FeatureStore.empty(1, 15, v.shape[1], w.shape[1], D, torch.device("cpu"))
     seen = torch.ones(15, dtype=torch.bool)
     seen[[2, 7, 11]] = False
     st.img_g[seen], st.img_t[seen], st.img_ok[seen] = F.normalize(g_i, dim=-1)[seen], v[seen], True
@@ -360,7 +364,7 @@ def _matching_worker(rank: int, world_size: int, init_file: str, out_dir: str) -
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         w, data = random_world(0)
-        oc._image_features, oc._text_features = w.image_features, w.text_features
+        oc_features.image_features, oc_features.text_features = w.image_features, w.text_features
         res = defense(top_k=4, match_chunk=3).data_step(Ctx(data), None)
         torch.save({"ci": res.caption_index, **res.scores}, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -576,7 +580,7 @@ def test_intra_loss_with_identity_views_is_ot_of_a_set_with_itself(
 ) -> None:
     tr = vit_trainer
     # identity "augmentations": view 2 = view 1, the EDA variant = the caption itself
-    monkeypatch.setattr(oc, "_augmenters", lambda modalities: (lambda x: x.clone(),
+    monkeypatch.setattr(oc_losses, "augmenters", lambda modalities: (lambda x: x.clone(),
                                                                 lambda caps, seed, synonyms=None: list(caps)))
     d = defense(inter_weight=0, intra_weight=0.5, intra_fraction=0.5)
     monkeypatch.setattr(d, "_thesaurus", lambda trainer: None)
@@ -660,7 +664,7 @@ def poisoned_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def small_job(data: Path, make_job: Callable[..., TrainJob], **options: Any) -> TrainJob:
     job = make_job(data=data, model="otc-vit-tiny", batch_size=32, epochs=2, checkpoint_every_steps=5)
-    job.defense = DefenseConfig(name="otcclip", options={"warmup_epochs": 1, "top_k": 3, **options})
+    job.defense = DefenseConfig(name="otcclip+filter", options={"warmup_epochs": 1, "top_k": 3, **options})
     return job
 
 
@@ -734,7 +738,64 @@ def test_options_are_validated() -> None:
         DEFENSES.options("otcclip", {"filter_fraction": 1.0})
     o = DEFENSES.options("otcclip", {})
     assert (o.top_k, o.alpha, o.score, o.inter_loss, o.eps, o.marginals) == (5, 0.5, "ot", "pairwise", 0.05, "weighted")
-    assert (o.warmup_epochs, o.match_every, o.intra_view_grad, o.between, o.max_uses) == (1, 2, False, "own", 1)
-    assert (o.filter_fraction, o.filter_duplicates, o.margin) == (0.2, True, 0.05)
+    # the paper's reading: RoCLIP's protocol, no otcbench extension
+    assert (o.warmup_epochs, o.match_every, o.intra_view_grad, o.between, o.max_uses) == (1, 2, False, "own", None)
+    assert (o.filter_fraction, o.own_competes, o.margin, o.exclude_duplicates) == (0.0, False, 0.0, False)
+    f = DEFENSES.options("otcclip+filter", {})
+    assert (f.filter_fraction, f.filter_duplicates, f.margin, f.max_uses, f.own_competes) == (0.2, True, 0.05, 1, True)
+    # everything else is shared
+    shared = set(o.model_dump()) - {"filter_fraction", "margin", "max_uses", "own_competes"}
+    assert all(getattr(o, k) == getattr(f, k) for k in shared)
     assert math.isclose(o.intra_fraction, 0.125)
 
+
+
+# --------------------------------------------------------------------------------------------------
+# the paper's reading: every image re-assigned to its best candidate other than its own caption
+
+
+def own_best_world() -> tuple[FakeWorld, TrainData]:
+    """Every row's own caption is its best match; each image's best *other* caption is a different row's."""
+    w = FakeWorld()
+    w.image(0, e(0), [e(0)] * 4)
+    w.image(1, e(1, 2, w=[1, 0.3]), [e(1)] * 4)
+    w.image(2, e(2, 0, w=[1, 0.2]), [e(2)] * 4)
+    w.caption(10, e(0), [e(0), e(0)])
+    w.caption(11, e(0, 1), [e(0), e(1)])
+    w.caption(12, e(2), [e(2), e(2)])
+    data = train_data([0, 1, 2], [10, 11, 12])
+    data.labels = torch.tensor([0, 1, 0])
+    return w, data
+
+
+@CACHE
+def test_paper_reading_reassigns_every_image_to_its_best_non_own_candidate(
+    use_world: Callable[[FakeWorld], None], cache_mb: int
+) -> None:
+    world, data = own_best_world()
+    use_world(world)
+    paper = defense("otcclip", top_k=2, token_cache_mb=cache_mb).data_step(Ctx(data), None)
+    # row 0: caption 11 (cos 0.71) over 12 (cos 0); row 1: caption 12 (0.29) over 10 (0); row 2: 10 (0.20) over 11
+    assert paper.caption_index.tolist() == [1, 2, 0]
+    assert paper.flagged.tolist() == [True, True, True]
+    # the own pair is still scored (detection), and is higher than what the image now trains on
+    assert bool((paper.scores["gap"] > 0).all())
+    s = paper.summary
+    assert (s["match_n"], s["match_distinct"], s["match_largest_group"]) == (3, 3, 1)
+    # labels [0, 1, 0]: only row 2 -> row 0 names the image's class
+    assert s["match_precision"] == pytest.approx(1 / 3) and s["match_precision_global"] == pytest.approx(1 / 3)
+    # otcbench's rule (own caption competes) keeps every own caption on the same features
+    kept = defense("otcclip", top_k=2, own_competes=True, token_cache_mb=cache_mb).data_step(Ctx(data), None)
+    assert kept.caption_index.tolist() == [0, 1, 2] and kept.summary["match_precision"] is None
+    assert defense(top_k=2).data_step(Ctx(data), None).caption_index.tolist() == [0, 1, 2]  # otcclip+filter
+
+
+def test_paper_reading_keeps_the_own_caption_without_other_candidates(use_world: Callable[[FakeWorld], None]) -> None:
+    world, data = own_best_world()
+    use_world(world)
+    # top_k=1 over a pool of one caption: the own caption is excluded, the other rows' captions compete
+    alone = defense("otcclip", top_k=1, pool_size=1).data_step(Ctx(data), None)
+    assert alone.caption_index.tolist() == [2, 2, 2]  # the FIFO holds row 2 only; row 2 has no candidate
+    choice, _ = oc.rank_candidates(torch.tensor([[0.9, 0.1, float("-inf")], [0.9, float("-inf"), float("-inf")]]),
+                                   None, alpha=1.0, own_competes=False)
+    assert choice.tolist() == [1, 0]  # column 1 despite the own caption's 0.9; nothing allowed: own caption

@@ -166,6 +166,11 @@ def test_roclip_trains_end_to_end(roclip_run: Path, trained_run: Path) -> None:
     assert [r["matching"] for r in steps] == [0.0] * 6 + [1.0] * 6
     # the first matching batch sees only the random initial pool (the official quirk), later ones real captions
     assert steps[6]["matched_random"] == 1.0 and steps[-1]["matched_random"] == 0.0
+    # one match line per matching epoch: images matched to a random initial entry count as not re-assigned
+    (match,) = [r for r in log if r["type"] == "roclip_match"]
+    assert match["epoch"] == 1 and 0.0 < match["matched_random"] < 1.0
+    assert match["match_n"] > 0 and 0.0 <= match["match_precision"] <= 1.0
+    assert 1 <= match["match_largest_group"] <= match["match_n"]
     state = last_state(roclip_run)
     assert state["defense"]["pool"]["filled"] == 96 and state["epoch"] == 2
     base = last_state(trained_run)["model"]

@@ -5,6 +5,8 @@
   poisoned pairs it keeps out of the contrastive loss at each of its data steps: OTCCLIP's pair filter
   (``otcclip_match`` records, ``poison_filtered``) and SafeCLIP's risky set (``safeclip`` records,
   ``risky_poison_recall``). RoCLIP only re-pairs, so it has no such curve.
+* :func:`match_curves` — match precision at each matching of the caption-matching defenses (``otcclip_match``,
+  ``roclip_match``): of the assignment trained on, and of the OT and global scores' own choices side by side.
 
 A log line torn by an interruption is skipped, so a partial run still reads.
 """
@@ -21,6 +23,10 @@ import pandas as pd
 #: log record type → the key holding the share of poisoned pairs kept out of the contrastive loss
 DETECTION_KEYS = {"otcclip_match": "poison_filtered", "safeclip": "risky_poison_recall"}
 DETECTION_COLUMNS = ["run_id", "attack", "defense", "seed", "epoch", "caught"]
+#: log record types of a matching, and the score names of their match precision keys ("" = the assignment used)
+MATCH_RECORDS = ("otcclip_match", "roclip_match")
+MATCH_SCORES = {"": "used", "_ot": "ot", "_global": "global"}
+MATCH_COLUMNS = ["run_id", "attack", "defense", "seed", "epoch", "score", "precision", "n"]
 
 
 def run_log(results_dir: str | Path, run_id: str) -> Path:
@@ -61,3 +67,27 @@ def detection_curves(df: pd.DataFrame, results_dir: str | Path) -> pd.DataFrame:
             if key is not None and key in rec and "epoch" in rec:
                 rows.append((r["run_id"], r["attack"], r["defense"], r["seed"], int(rec["epoch"]), float(rec[key])))
     return pd.DataFrame(rows, columns=DETECTION_COLUMNS)
+
+
+def match_curves(df: pd.DataFrame, results_dir: str | Path) -> pd.DataFrame:
+    """Match precision of every matching of every run in ``df`` (a summary) that logs one.
+
+    Columns ``MATCH_COLUMNS``: ``score`` is ``used`` (the assignment the run trained on), ``ot`` or ``global``
+    (what that score alone picked at the same matching, before any cap); ``precision`` is the share of
+    re-assigned images whose new caption describes them (:mod:`otcbench.eval.matching`), ``n`` how many were
+    re-assigned. Matchings without a precision (nothing re-assigned, no ground truth) are left out.
+    """
+    rows = []
+    for _, r in df.iterrows():
+        f = run_log(results_dir, r["run_id"])
+        if not f.is_file():
+            continue
+        for rec in _records(f):
+            if rec.get("type") not in MATCH_RECORDS or "epoch" not in rec:
+                continue
+            for suffix, score in MATCH_SCORES.items():
+                p = rec.get(f"match_precision{suffix}")
+                if p is not None:
+                    rows.append((r["run_id"], r["attack"], r["defense"], r["seed"], int(rec["epoch"]), score,
+                                 float(p), int(rec.get(f"match_n{suffix}", 0) or 0)))
+    return pd.DataFrame(rows, columns=MATCH_COLUMNS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -65,7 +66,13 @@ class Defense:
     * :meth:`epoch_indices` — sample selection: the rows (in order) this epoch trains on.
     * :meth:`learning_rate` — every step: adjust the scheduled learning rate (SafeCLIP's phases).
     * :meth:`batch_loss` — the loss of one batch, plus scalars to log.
+    * :meth:`on_epoch_end` — after an epoch's last step: per-epoch log lines (RoCLIP's match statistics).
     * :meth:`state_dict` / :meth:`load_state_dict` — whatever must survive a checkpoint for ``--resume``.
+
+    Result tables label a run whose options differ from the class's ``Options`` defaults by its changes
+    (:func:`otcbench.defenses.labels.variant_label`): ``variant_phrases`` maps an option name (dotted when
+    nested) to a function of its value giving a short phrase (``"no warm-up"``; None falls back to
+    ``key=value``), and options in ``label_ignore`` (execution knobs: chunk sizes, caches) never count.
     """
 
     name: ClassVar[str]
@@ -73,6 +80,10 @@ class Defense:
     #: Rough wall-clock cost of one epoch relative to plain CLIP on the same data; the recipe runner only uses
     #: it to start the longest runs first when it trains several at once.
     relative_cost: ClassVar[float] = 1.0
+    #: Option name → (value → short phrase or None) for variant labels in result tables.
+    variant_phrases: ClassVar[dict[str, Callable[[Any], str | None]]] = {}
+    #: Options that only change how a run executes, not its results: never part of a variant label.
+    label_ignore: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, options: Options) -> None:
         self.options = options
@@ -102,6 +113,9 @@ class Defense:
     def learning_rate(self, trainer: Trainer, lr: float) -> float:
         """The learning rate of the coming optimiser step, given the trainer's schedule value (default: it)."""
         return lr
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+        """Called after the last step of every epoch (0-based), before the epoch's log record."""
 
     def epoch_indices(self, trainer: Trainer, epoch: int, order: torch.Tensor) -> torch.Tensor:
         """Rows to train on this epoch, in the order given (default: all of ``order``)."""

@@ -21,7 +21,7 @@ matching epochs too).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -72,6 +72,17 @@ class RoCLIP(Defense):
 
     Options = RoCLIPOptions
     relative_cost = 1.1  # augmented views and EDA captions; matching epochs re-embed the pool
+    # table labels of non-default runs (the quickstart's: "pool 1024, warm-up 4"); every RoCLIP option changes
+    # results, so label_ignore stays empty
+    variant_phrases: ClassVar[dict[str, Any]] = {
+        "pool_size": lambda v: f"pool {v}",
+        "match_every": lambda v: f"match every {v}",
+        "warmup_epochs": lambda v: f"warm-up {v}",
+        "pool_update": lambda v: f"pool update {v}",
+        "augment": lambda v: None if v else "no augmentation",
+        "eda_once": lambda v: None if v else "fresh EDA per epoch",
+        "reencode_matched": lambda v: "re-encoded matches" if v else None,
+    }
     options: RoCLIPOptions
 
     def __init__(self, options: RoCLIPOptions) -> None:
@@ -81,6 +92,7 @@ class RoCLIP(Defense):
         self.tokens_epoch = -1
         self.epoch = 0
         self._seed = 0
+        self.matched: torch.Tensor | None = None  # [N] pool row each image matched this epoch (-1: none/random)
 
     # ----------------------------------------------------------------------------------------------
 
@@ -124,6 +136,7 @@ class RoCLIP(Defense):
         pool = self._pool(txt.shape[1], trainer.device)
         match = pool.nearest(img)  # before this batch's captions enter the pool (official order)
         pool.push(txt, rows)
+        self._record_matches(trainer, rows, match.rows)
         matched = match.vectors.to(img.dtype)
         if o.reencode_matched:
             real = match.rows >= 0
@@ -144,6 +157,26 @@ class RoCLIP(Defense):
         }
         return loss, extras
 
+    def _record_matches(self, trainer: Any, image_rows: torch.Tensor, matched: torch.Tensor) -> None:
+        """Remember which caption row each image of a matching epoch trained on (for the epoch's match log)."""
+        if self.matched is None or self.matched.numel() != len(trainer.data):
+            self.matched = torch.full((len(trainer.data),), -1, dtype=torch.long)
+        self.matched[image_rows.cpu()] = matched.cpu().long()
+
+    def on_epoch_end(self, trainer: Any, epoch: int) -> None:
+        """After a matching epoch: one ``roclip_match`` log line with match precision and hub statistics."""
+        if not self.is_matching_epoch(epoch) or self.matched is None:
+            return
+        from otcbench.eval.matching import match_statistics
+
+        own = torch.arange(self.matched.numel())
+        real = self.matched >= 0
+        # a random initial pool entry is no caption: such images count as not re-assigned
+        assigned = torch.where(real, self.matched, own)
+        trainer.log({"type": "roclip_match", "epoch": epoch, "step": trainer.global_step,
+                     "matched_random": float((~real).float().mean()), **match_statistics(trainer.data, assigned)})
+        self.matched = None
+
     # ----------------------------------------------------------------------------------------------
 
     def data_step(self, ctx: DataContext, epoch: int | None = None) -> DataStepResult:
@@ -161,13 +194,18 @@ class RoCLIP(Defense):
         best = torch.cat([(chunk @ pool.t()).argmax(1) for chunk in img.split(ctx.embed_batch_size)])
         caption_index = pool_rows.to(best.device)[best].cpu()
         flagged = caption_index != ctx.caption_index.cpu()
+        from otcbench.eval.matching import match_statistics
+
+        summary = {"pool": float(len(pool_rows)), "repaired": float(flagged.float().mean()),
+                   **match_statistics(ctx.data, caption_index)}
         return DataStepResult(caption_index=caption_index, flagged=flagged,
-                              scores={"cosine": (img * own).sum(-1).cpu()},
-                              summary={"pool": float(len(pool_rows)), "repaired": float(flagged.float().mean())})
+                              scores={"cosine": (img * own).sum(-1).cpu()}, summary=summary)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"pool": self.pool.state_dict() if self.pool is not None else None}
+        return {"pool": self.pool.state_dict() if self.pool is not None else None,
+                "matched": self.matched.clone() if self.matched is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("pool") is not None:
             self.pool = EmbeddingPool.from_state(state["pool"])
+        self.matched = state["matched"].clone() if state.get("matched") is not None else None

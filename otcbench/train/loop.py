@@ -433,6 +433,7 @@ class Trainer:
             every = self.cfg.checkpoint_every_steps
             if every and self.global_step % every == 0 and s + 1 < n_steps:
                 self.save(epoch_copy=False)
+        self.defense.on_epoch_end(self, epoch)
         self.epoch += 1
         self.step_in_epoch = 0
         seconds = time.perf_counter() - t_epoch
