@@ -215,7 +215,9 @@ def test_failed_run_is_recorded_and_the_grid_goes_on(tmp_path: Path, monkeypatch
     assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
     assert "Traceback" in (run_dir / "error.log").read_text()
     table = (out / "table.md").read_text()
-    assert re.search(r"\| clean \| explode( †)? \| 0/1 \(1 failed\) \|", table) and "- failed: clean × explode" in table
+    # at_step=3 is not _Explode's default: the row carries its variant label
+    assert re.search(r"\| clean \| explode \(at_step=3\)( †)? \| 0/1 \(1 failed\) \|", table)
+    assert "- failed: clean × explode (at_step=3)" in table
     assert "FAILED" in r.output and "1 trained" in r.output
 
     # a fixed option gives a new run id; with --resume the old failure is not in the grid any more

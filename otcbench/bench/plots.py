@@ -10,6 +10,9 @@
 * ``plots/detection.png`` — where a defense logs it (OTCCLIP's pair filter, SafeCLIP's risky set): the share
   of poisoned pairs kept out of the contrastive loss against epoch, one panel per attack, one colour per
   defense, mean over seeds with the min–max band (:func:`otcbench.bench.logs.detection_curves`).
+
+Every legend names a defense by the label the tables show: its variant label where the run's options differ
+from the defense's defaults (:func:`otcbench.bench.report.shown_labels`).
 """
 
 from __future__ import annotations
@@ -208,7 +211,13 @@ def plot_detection(curves: pd.DataFrame, path: Path) -> bool:
 
 
 def write_plots(df: pd.DataFrame, results_dir: str | Path) -> list[Path]:
-    """Write every plot the results allow into ``results_dir/plots``; returns the files written."""
+    """Write every plot the results allow into ``results_dir/plots``; returns the files written.
+
+    Defenses are named by their variant labels (``safeclip (no warm-up, …)``), as in the tables.
+    """
+    from otcbench.bench.report import shown_labels
+
+    df = shown_labels(df)
     out = Path(results_dir) / "plots"
     out.mkdir(parents=True, exist_ok=True)
     written = []

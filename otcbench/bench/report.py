@@ -8,6 +8,12 @@ Tables: one row per (attack, defense) in recipe order, one column per metric, me
 the seeds that finished, in percent. Within each attack, the best value of each column is bold —
 lowest for attack success rates (↓), highest for accuracies and detection scores (↑). ``table.md`` then
 holds the same results at a glance: one row per attack and ASR metric, one column per defense.
+
+Defense rows are shown by their ``variant`` column: the recipe label, followed by what the run's options
+change from that defense's registered defaults (``safeclip (no warm-up, …)``,
+:func:`otcbench.defenses.labels.row_label`); ``variant_options`` holds every change as ``key=value``. A
+summary written before these columns existed gets them from the runs' ``run.json`` or the results
+directory's ``recipe.yaml`` when ``write_report`` re-renders it, else keeps the plain label.
 """
 
 from __future__ import annotations
@@ -28,8 +34,8 @@ if TYPE_CHECKING:
 SUMMARY = "summary.csv"
 #: The first columns of summary.csv (DESIGN §9), then bookkeeping, then every metrics.json key.
 HEAD = ["run_id", "attack", "defense", "seed", "status", "seconds"]
-META = ["attack_group", "defense_group", "defense_name", "sweep", "sweep_value", "defense_sweep",
-        "defense_sweep_value", "error"]
+META = ["attack_group", "defense_group", "defense_name", "variant", "variant_options", "sweep", "sweep_value",
+        "defense_sweep", "defense_sweep_value", "error"]
 
 #: Table columns in this order when present; their display names.
 METRIC_NAMES = {
@@ -77,8 +83,23 @@ def _sweep_columns(point: list[tuple[str, Any]]) -> tuple[str, Any]:
     return ";".join(k for k, _ in point), ";".join(str(v) for _, v in point)
 
 
+def _swept_options(keys: list[str]) -> list[str]:
+    """The option keys of a defense sweep (``options.threshold`` → ``threshold``; ``train.*`` keys are no options)."""
+    return [k[len("options."):] for k in keys if k.startswith("options.")]
+
+
+def variant_columns(label: str, name: str, options: dict[str, Any], swept: list[str]) -> dict[str, str]:
+    """``variant`` (the row label tables and plots show) and ``variant_options`` (every changed option as
+    ``key=value``, ``; ``-separated) of a run of defense ``name`` with resolved ``options``."""
+    from otcbench.defenses.labels import format_value, option_changes, row_label
+
+    changes = option_changes(name, options)
+    return {"variant": row_label(label, name, options, swept),
+            "variant_options": "; ".join(f"{k}={format_value(v)}" for k, v in changes)}
+
+
 def summary_rows(plan: Plan) -> list[dict[str, Any]]:
-    """One row per planned run: identity, status, seconds, and every metrics.json key (flattened)."""
+    """One row per planned run: identity, status, seconds, variant label, and every metrics.json key (flattened)."""
     from otcbench.bench.runner import read_run_info, run_state
 
     rows = []
@@ -94,8 +115,10 @@ def summary_rows(plan: Plan) -> list[dict[str, Any]]:
             "run_id": run.run_id, "attack": run.attack.label, "defense": run.defense.label, "seed": run.seed,
             "status": status, "seconds": info.get("seconds", ""),
             "attack_group": run.attack.spec.base_label, "defense_group": run.defense.spec.base_label,
-            "defense_name": run.defense.spec.name, "sweep": sweep, "sweep_value": sweep_value,
-            "defense_sweep": dsweep, "defense_sweep_value": dsweep_value,
+            "defense_name": run.defense.spec.name,
+            **variant_columns(run.defense.label, run.defense.spec.name, run.resolved["defense"]["options"],
+                              _swept_options([k for k, _ in run.defense.point])),
+            "sweep": sweep, "sweep_value": sweep_value, "defense_sweep": dsweep, "defense_sweep_value": dsweep_value,
             "error": info.get("error", "") if status == "failed" else "",
         }
         if state == "done":
@@ -140,10 +163,91 @@ def read_summary(path: str | Path) -> pd.DataFrame:
     missing = [c for c in HEAD if c not in df.columns]
     if missing:
         raise UserError(f"{p} lacks the columns {', '.join(missing)}; it was not written by `otcbench run`")
-    for c in ("attack", "defense", "status", "error", "sweep", "defense_sweep"):
+    for c in ("attack", "defense", "status", "error", "sweep", "defense_sweep", "variant", "variant_options"):
         if c in df.columns:
             df[c] = df[c].astype(object).where(df[c].notna(), "").astype(str)
     return df
+
+
+def _text(v: Any) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+
+
+def _recipe_defenses(results_dir: Path) -> dict[str, tuple[str, dict[str, Any], list[str]]]:
+    """Defense label → (name, options, swept option keys) from a results directory's ``recipe.yaml``
+    (empty when it is missing or no longer valid)."""
+    from otcbench.bench.recipe import expand_defenses, parse_recipe
+    from otcbench.config import load_yaml
+
+    f = results_dir / "recipe.yaml"
+    if not f.is_file():
+        return {}
+    try:
+        recipe = parse_recipe(load_yaml(f), where=str(f))
+        return {d.label: (d.spec.name, d.options, _swept_options([k for k, _ in d.point]))
+                for d in expand_defenses(recipe)}
+    except UserError:
+        return {}
+
+
+def fill_variants(df: pd.DataFrame, results_dir: str | Path) -> pd.DataFrame:
+    """A summary with ``variant`` / ``variant_options`` filled where they are empty (a summary.csv older
+    than those columns): from each run's ``run.json`` (its resolved defense options), else from the
+    results directory's ``recipe.yaml``; a row neither describes (or whose options no longer validate)
+    keeps them empty, i.e. its plain label."""
+    from otcbench.bench.runner import read_run_info
+
+    df = df.copy()
+    for c in ("variant", "variant_options"):
+        df[c] = df[c].map(_text) if c in df else ""
+    if (df["variant"] != "").all():
+        return df
+    results_dir = Path(results_dir)
+    entries: dict[str, tuple[str, dict[str, Any], list[str]]] | None = None
+    for i, r in df.iterrows():
+        if r["variant"]:
+            continue
+        label = str(r["defense"])
+        name = _text(r.get("defense_name")) or label
+        resolved = read_run_info(results_dir / "runs" / str(r["run_id"])).get("resolved", {}).get("defense", {})
+        if isinstance(resolved, dict) and resolved.get("name") == name and isinstance(resolved.get("options"), dict):
+            options, swept = resolved["options"], _swept_options(_text(r.get("defense_sweep")).split(";"))
+        else:
+            if entries is None:
+                entries = _recipe_defenses(results_dir)
+            if label not in entries or entries[label][0] != name:
+                continue
+            _, options, swept = entries[label]
+        try:
+            cols = variant_columns(label, name, options, swept)
+        except UserError:  # a defense or option that is not registered any more: the plain label
+            continue
+        df.loc[i, "variant"], df.loc[i, "variant_options"] = cols["variant"], cols["variant_options"]
+    return df
+
+
+def shown_labels(df: pd.DataFrame) -> pd.DataFrame:
+    """The summary with each row's ``defense`` replaced by its ``variant`` label where it has one (what every
+    table and plot shows); idempotent."""
+    if "variant" not in df:
+        return df
+    variant = df["variant"].map(_text)
+    if (variant == "").all() or (variant == df["defense"]).all():
+        return df
+    df = df.copy()
+    df["defense"] = variant.where(variant != "", df["defense"])
+    return df
+
+
+def variant_notes(df: pd.DataFrame) -> list[str]:
+    """One line per variant label: every option it changes (``key=value``), for the note under a table."""
+    if "variant_options" not in df or "variant" not in df:
+        return []
+    seen: dict[str, str] = {}
+    for v, opts in zip(df["variant"].map(_text), df["variant_options"].map(_text), strict=True):
+        if v and opts and v not in seen:
+            seen[v] = opts
+    return [f"- {v}: {opts}" for v, opts in seen.items()]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,13 +364,18 @@ NOTE = ("mean ± sample std over seeds, in %; seeds = finished/planned runs; bes
 
 
 def markdown_table(df: pd.DataFrame, title: str = "") -> str:
-    """The attack × defense table in GitHub markdown."""
+    """The attack × defense table in GitHub markdown (defense rows by their variant label, each variant's
+    changed options listed under the table)."""
+    df = shown_labels(df)
     header, body, _ = _cells(df, "±", ("**", "**"))
     lines = [f"### {title}", ""] if title else []
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---", "---", "---:"] + ["---:"] * (len(header) - 3)) + "|")
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
     lines += ["", NOTE + "."]
+    notes = variant_notes(df)
+    if notes:
+        lines += ["", "Options that differ from each defense's defaults:", *notes]
     failed = df[df["status"] == "failed"]
     for _, r in failed.iterrows():
         lines.append(f"- failed: {r['attack']} × {r['defense']} (seed {r['seed']}, run {r['run_id']}): {r['error']}")
@@ -286,6 +395,7 @@ def overview_table(df: pd.DataFrame, title: str = "") -> str:
     finished than planned seeds carries ``(finished/planned)``; the best cell of a row is bold, and a
     collapsed model (†, see :func:`collapsed_rows`) never wins an ASR row.
     """
+    df = shown_labels(df)
     agg = aggregate(df)
     if agg.empty:
         return ""
@@ -337,7 +447,7 @@ def _tex(text: str) -> str:
 
 def latex_table(df: pd.DataFrame, title: str = "") -> str:
     """The same table as a booktabs ``tabular`` (``\\usepackage{booktabs}``)."""
-    header, body, _ = _cells(df, "\x00", ("\x01", "\x02"))
+    header, body, _ = _cells(shown_labels(df), "\x00", ("\x01", "\x02"))
     def cell(c: str) -> str:
         return _tex(c).replace("\x00", r"$\pm$").replace("\x01", r"\textbf{").replace("\x02", "}")
     lines = [f"% {title}" if title else "% otcbench results", f"% {NOTE}",
@@ -368,7 +478,7 @@ def write_report(out: str | Path, *, plan: Plan | None = None, plots: bool = Tru
         df = write_summary(summary_rows(plan), out / SUMMARY)
         title = plan.recipe.name
     else:
-        df = read_summary(out)
+        df = fill_variants(read_summary(out), out)
         title = _recipe_name(out)
     md = markdown_table(df, title)
     overview = overview_table(df, title)

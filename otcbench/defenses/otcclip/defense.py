@@ -55,6 +55,16 @@ class OTCCLIP(CaptionMatching, AlignmentLosses, TokenOT, Defense):
     # `bench train` times the steady state: matching from the first epoch
     bench_options: ClassVar[dict[str, Any]] = {"warmup_epochs": 0}
     relative_cost = 1.3  # matching + OT losses (measured 1.20-1.28x; docs/otcclip.md)
+    variant_phrases: ClassVar[dict[str, Any]] = {
+        "score": lambda v: "global score" if v == "global" else None,
+        "own_competes": lambda v: "own caption competes" if v else "own caption excluded",
+        "filter_fraction": lambda v: f"filter {v:g}" if v else "no filter",
+        "max_uses": lambda v: "no use cap" if v is None else f"max {v} use" + ("s" if v > 1 else ""),
+        "inter_weight": lambda v: "no inter loss" if v == 0 else None,
+        "intra_weight": lambda v: "no intra loss" if v == 0 else None,
+    }
+    # execution knobs: how the matching is computed, not what it computes
+    label_ignore: ClassVar[frozenset[str]] = frozenset({"match_chunk", "token_cache_mb"})
     options: OTCCLIPOptions
 
     def __init__(self, options: OTCCLIPOptions) -> None:
