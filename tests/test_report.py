@@ -247,3 +247,30 @@ def test_detection_curves_from_logs_and_plot(tmp_path: Path) -> None:
         img.verify()
         assert img.format == "PNG"
     assert detection_curves(df[df["run_id"] == "c0"], out).empty  # no filtering defense: no plot
+
+
+def test_match_curves_from_logs_and_plot(tmp_path: Path) -> None:
+    """Match precision of OTCCLIP and RoCLIP matchings: the used assignment and both scores' picks, per epoch."""
+    from otcbench.bench.logs import MATCH_COLUMNS, match_curves
+
+    out = summary(tmp_path)
+    df = read_summary(out)
+
+    def log(run_id: str, *recs: dict[str, Any]) -> None:
+        (out / "runs" / run_id).mkdir(parents=True)
+        (out / "runs" / run_id / "log.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+
+    log("r0", {"type": "otcclip_match", "epoch": 1, "match_precision": 0.5, "match_n": 10,
+               "match_precision_ot": 0.5, "match_n_ot": 10, "match_precision_global": 0.25, "match_n_global": 8},
+        {"type": "otcclip_match", "epoch": 3, "match_precision": None, "match_n": 0})  # nothing re-assigned
+    log("r1", {"type": "roclip_match", "epoch": 1, "match_precision": 0.9, "match_n": 4},
+        {"type": "step", "epoch": 1, "match_precision": 0.1})  # not a matching record
+    curves = match_curves(df, out)
+    assert list(curves.columns) == MATCH_COLUMNS
+    got = {(r.run_id, r.epoch, r.score): (r.precision, r.n) for r in curves.itertuples()}
+    assert got == {("r0", 1, "used"): (0.5, 10), ("r0", 1, "ot"): (0.5, 10), ("r0", 1, "global"): (0.25, 8),
+                   ("r1", 1, "used"): (0.9, 4)}
+    files = write_plots(df, out)
+    assert out / "plots" / "match_precision.png" in files
+    with Image.open(out / "plots" / "match_precision.png") as img:
+        img.verify()

@@ -7,6 +7,9 @@
   ASR against the swept value, one line per defense.
 * ``plots/curves.png`` — training loss against step from each run's ``log.jsonl``, one panel per
   attack, one colour per defense (one line per seed).
+* ``plots/match_precision.png`` — at every matching of OTCCLIP and RoCLIP: the share of re-assigned captions
+  that describe the image, for the assignment trained on and for the OT and global scores' own picks
+  (:func:`otcbench.bench.logs.match_curves`).
 * ``plots/detection.png`` — where a defense logs it (OTCCLIP's pair filter, SafeCLIP's risky set): the share
   of poisoned pairs kept out of the contrastive loss against epoch, one panel per attack, one colour per
   defense, mean over seeds with the min–max band (:func:`otcbench.bench.logs.detection_curves`).
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from otcbench.bench.logs import detection_curves, loss_curve, run_log
+from otcbench.bench.logs import detection_curves, loss_curve, match_curves, run_log
 
 ASR_METRICS = ("asr_targeted", "asr_backdoor", "asr_backdoor_probe")
 #: Distinct filled matplotlib markers; synthetic-full alone has 13 attacks.
@@ -210,6 +213,35 @@ def plot_detection(curves: pd.DataFrame, path: Path) -> bool:
     return True
 
 
+#: line style of each score in the match precision plot: what was trained on, and the two scores' own picks
+_SCORE_STYLE = {"used": "-", "ot": "--", "global": ":"}
+
+
+def plot_match_precision(curves: pd.DataFrame, path: Path) -> bool:
+    """Match precision against epoch (``match_curves``): per attack, each defense's assignment (solid) and the
+    choices of the OT score (dashed) and the global cosine (dotted) at the same matchings; False when empty."""
+    if curves.empty:
+        return False
+    plt = _plt()
+    colours = _colours(_ordered(curves["defense"]))
+    attacks = _ordered(curves["attack"])
+    fig, axes = _grid(len(attacks), plt, height=3.4)
+    for ax, attack in zip(axes, attacks, strict=True):
+        sub = curves[curves["attack"] == attack]
+        for (defense, score), g in sub.groupby(["defense", "score"], sort=False):
+            stats = g.groupby("epoch")["precision"].agg(["mean", "min", "max"])
+            seeds = g["seed"].nunique()
+            ax.plot(stats.index, 100 * stats["mean"], marker="o", ms=3, color=colours[defense],
+                    ls=_SCORE_STYLE.get(str(score), "-"), label=f"{defense}: {score} (n={seeds})")
+            if seeds > 1 and score == "used":
+                ax.fill_between(stats.index, 100 * stats["min"], 100 * stats["max"], color=colours[defense],
+                                alpha=0.15, lw=0)
+        ax.set_ylim(-3, 103)
+        _label_panel(ax, attack, "epoch", "re-assigned captions that describe the image (%)")
+    _save_panels(fig, path, plt)
+    return True
+
+
 def write_plots(df: pd.DataFrame, results_dir: str | Path) -> list[Path]:
     """Write every plot the results allow into ``results_dir/plots``; returns the files written.
 
@@ -228,4 +260,6 @@ def write_plots(df: pd.DataFrame, results_dir: str | Path) -> list[Path]:
         written.append(out / "curves.png")
     if plot_detection(detection_curves(df, results_dir), out / "detection.png"):
         written.append(out / "detection.png")
+    if plot_match_precision(match_curves(df, results_dir), out / "match_precision.png"):
+        written.append(out / "match_precision.png")
     return written
