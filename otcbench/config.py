@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from otcbench.errors import UserError
 
@@ -39,6 +48,47 @@ class SynthConfig(Options):
     p_synonym: float = Field(0.12, ge=0, le=1, description="probability a class is named by a synonym")
     p_junk: float = Field(0.04, ge=0, le=1, description="probability of an unrelated web caption")
     p_wrong: float = Field(0.03, ge=0, le=1, description="probability the main object is misnamed")
+    world: Literal["shapes", "compositional"] = Field(
+        "shapes",
+        description="shapes: 1-3 shapes, class words in captions (default); compositional: 2-4 objects with "
+        "distinct colour-shape bindings, every object named with its colour (docs/synthetic-world.md)",
+    )
+    min_objects: int = Field(2, ge=1, le=9, description="compositional: fewest objects in a training scene")
+    max_objects: int = Field(4, ge=1, le=9, description="compositional: most objects in a training scene")
+    p_position: float = Field(
+        0.3, ge=0, le=1, description="compositional: probability a caption gives each object's position"
+    )
+    n_colours: int = Field(
+        4, ge=1, le=9, description="compositional: palette size (red, green, blue, yellow, white, purple, cyan, "
+        "orange, pink: the first n); small, so that colour is no shortcut and bindings repeat"
+    )
+    p_uncoloured: float = Field(
+        0.0, ge=0, le=1, description="compositional: probability a caption names the shapes without their colours"
+    )
+
+    @model_validator(mode="after")
+    def _objects_range(self) -> SynthConfig:
+        if self.min_objects > self.max_objects:
+            raise ValueError(f"min_objects ({self.min_objects}) is above max_objects ({self.max_objects})")
+        if self.world == "compositional" and self.max_objects > self.n_colours:
+            raise ValueError(f"max_objects ({self.max_objects}) is above n_colours ({self.n_colours}): objects "
+                             "of a scene have distinct colours")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A shapes world dumps as it did before the compositional options existed: recipe world keys and run
+        # ids are hashes of this dump, and datasets record it (created_by), so they stay what they were.
+        data = handler(self)
+        if self.world == "shapes":
+            for name in _COMPOSITIONAL_FIELDS:
+                if getattr(self, name) == type(self).model_fields[name].default:
+                    data.pop(name, None)
+        return data
+
+
+#: The SynthConfig fields added with the compositional world (left out of a default shapes world's dump).
+_COMPOSITIONAL_FIELDS = ("world", "min_objects", "max_objects", "p_position", "n_colours", "p_uncoloured")
 
 
 class ModelConfig(Options):

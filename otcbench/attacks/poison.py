@@ -107,6 +107,9 @@ def poison_dataset(
     caps, labs = list(captions), labels.tolist()
     poison = list(src.ds["poison"])
     origin = list(src.ds["origin"])
+    # Ground-truth composition (when the source has it): attacks change or add images whose composition
+    # they do not describe, so their rows get "" (unknown); clean rows keep theirs.
+    content = src.content
     manifest_attacks = []
     target_imgs: list[bytes] = []
     target_true: list[int] = []
@@ -118,12 +121,16 @@ def poison_dataset(
                 raise UserError(f"{a.name}: row {row} is already poisoned by {poison[row]}; "
                                 "use separate target classes for the attacks")
             images[row], caps[row], poison[row], origin[row] = img, cap, a.name, row
+            if content is not None:
+                content[row] = ""
         start = len(images)
         images += r.images
         caps += r.captions
         labs += r.labels
         origin += r.origin
         poison += [a.name] * len(r.images)
+        if content is not None:
+            content += [""] * len(r.images)
         rows = sorted(r.replace) + list(range(start, len(images)))
         entry = {"name": a.name, "kind": a.kind, "options": a.options.model_dump(mode="json"),
                  "rows": rows, "n_poisoned": len(rows), **r.manifest}
@@ -136,7 +143,7 @@ def poison_dataset(
                 target_attack.append(a.name)
         manifest_attacks.append(entry)
 
-    ds = build_pair_dataset(images, caps, labs, poison, origin)
+    ds = build_pair_dataset(images, caps, labs, poison, origin, content)
     meta = DatasetMeta(
         kind="pairs",
         otcbench_version=__version__,

@@ -1,7 +1,8 @@
 """The on-disk pair-dataset and eval-set formats (DESIGN §4).
 
 A *pair dataset* is a Hugging Face ``datasets.Dataset`` saved with ``save_to_disk`` plus ``otcbench.json``
-beside it, columns ``image`` (datasets.Image), ``caption``, ``label``, ``poison``, ``origin``.
+beside it, columns ``image`` (datasets.Image), ``caption``, ``label``, ``poison``, ``origin`` and optionally
+``content`` (the ground-truth composition of the image, see :data:`OPTIONAL_COLUMNS`).
 An *eval set* is a ``DatasetDict`` with splits ``train``/``val``/``test`` (linear-probe train, its
 validation split, held-out test) in the same layout, with class names and prompt templates.
 
@@ -34,6 +35,10 @@ META_FILE = "otcbench.json"
 FORMAT_VERSION = 1
 PAIR_COLUMNS = ("image", "caption", "label", "poison", "origin")
 EVAL_SPLITS = ("train", "val", "test", "targets")
+#: Optional columns: ``content`` is the ground-truth composition of a row's image ("blue square|red circle",
+#: "" unknown), written by the compositional synthetic world. Hashed into the fingerprint only when present,
+#: so datasets without it keep their fingerprints.
+OPTIONAL_COLUMNS = ("content",)
 
 PAIR_FEATURES = datasets.Features(
     {
@@ -100,7 +105,7 @@ def fingerprint_dataset(ds: datasets.Dataset) -> str:
     h = hashlib.sha256()
     table = ds.with_format("arrow")
     for batch in table.iter(batch_size=2048):
-        for name in PAIR_COLUMNS:
+        for name in (*PAIR_COLUMNS, *OPTIONAL_COLUMNS):
             if name not in batch.column_names:
                 continue
             col = batch.column(name)
@@ -110,7 +115,7 @@ def fingerprint_dataset(ds: datasets.Dataset) -> str:
                     b, p = (item or {}).get("bytes"), (item or {}).get("path")
                     h.update(b if b is not None else (p or "").encode())
                     h.update(b"\x00")
-            elif name in ("caption", "poison"):
+            elif name in ("caption", "poison", "content"):
                 for s in col.to_pylist():
                     h.update(s.encode())
                     h.update(b"\x00")
@@ -132,22 +137,30 @@ def build_pair_dataset(
     labels: list[int] | None = None,
     poison: list[str] | None = None,
     origin: list[int] | None = None,
+    content: list[str] | None = None,
 ) -> datasets.Dataset:
-    """A pair dataset from encoded image bytes (or file paths) and captions, with the standard columns."""
+    """A pair dataset from encoded image bytes (or file paths) and captions, with the standard columns.
+
+    ``content`` adds the optional ground-truth column of that name (omitted when None).
+    """
     imgs = [{"bytes": x, "path": None} if isinstance(x, bytes) else {"bytes": None, "path": x} for x in images]
     n = len(captions)
     if len(imgs) != n:
         raise ValueError(f"{len(imgs)} images but {n} captions")
-    return datasets.Dataset.from_dict(
-        {
-            "image": imgs,
-            "caption": captions,
-            "label": labels if labels is not None else [-1] * n,
-            "poison": poison if poison is not None else [""] * n,
-            "origin": origin if origin is not None else [-1] * n,
-        },
-        features=PAIR_FEATURES,
-    )
+    columns: dict[str, list] = {
+        "image": imgs,
+        "caption": captions,
+        "label": labels if labels is not None else [-1] * n,
+        "poison": poison if poison is not None else [""] * n,
+        "origin": origin if origin is not None else [-1] * n,
+    }
+    features = PAIR_FEATURES
+    if content is not None:
+        if len(content) != n:
+            raise ValueError(f"{len(content)} content strings but {n} captions")
+        columns["content"] = content
+        features = datasets.Features({**PAIR_FEATURES, "content": datasets.Value("string")})
+    return datasets.Dataset.from_dict(columns, features=features)
 
 
 def _atomic_dir(out: Path, overwrite: bool) -> Path:
@@ -311,6 +324,11 @@ class PairDataset:
     @property
     def poison_flags(self) -> list[str]:
         return list(self.ds["poison"])
+
+    @property
+    def content(self) -> list[str] | None:
+        """The ground-truth ``content`` column ("" = unknown), or None when the dataset has none."""
+        return list(self.ds["content"]) if "content" in self.ds.column_names else None
 
     def eval_set_path(self) -> Path | None:
         """The eval set written beside this dataset (synthetic world), if any."""

@@ -10,6 +10,12 @@ designed so that a tiny CLIP learns measurable zero-shot skill from the captions
   shop boilerplate, typos, partly wrong or unrelated captions), as alt-text does;
 * the held-out evaluation splits are single-object images with a class label, so zero-shot accuracy
   measures whether the class word was grounded in the image, not whether the model guessed a scene.
+
+A second world, ``world="compositional"`` (:func:`sample_compositional_scene`,
+:func:`make_compositional_caption`), puts 2–4 objects with distinct colour–shape bindings in the cells of a
+grid and names every object with its colour, so that captions differ from each other by binding alone
+("a red circle and a blue square" vs "a blue circle and a red square"); its rows carry the ground truth in a
+``content`` column (:func:`scene_content`).
 """
 
 from __future__ import annotations
@@ -257,6 +263,11 @@ class WorldOptions:
     p_typo: float = 0.03
     p_colour: float = 0.3  # an object phrase names its colour
     p_size: float = 0.35  # an object phrase names its size
+    world: str = "shapes"  # "shapes" | "compositional"
+    comp_objects: tuple[int, int] = (2, 4)  # compositional: fewest and most objects in a training scene
+    p_position: float = 0.3  # compositional: a caption gives every object's grid position
+    n_colours: int = 4  # compositional: palette size (the first n of COMP_PALETTE)
+    p_uncoloured: float = 0.0  # compositional: a caption names the shapes without their colours
 
 
 class SceneRenderer:
@@ -487,6 +498,139 @@ def make_caption(rng: np.random.Generator, scene: Scene, opts: WorldOptions) -> 
 
 
 # --------------------------------------------------------------------------------------------------
+# The compositional world: every object is a distinct (colour, shape) binding in its own grid cell
+
+
+#: The compositional world's palette, most distinct colours first; ``n_colours`` takes the first n. A small
+#: palette keeps colour from being a shortcut: with 4 colours and 2-4 objects, colour sets repeat across a
+#: batch and only the shapes (bound to their colours) tell pairs apart.
+COMP_PALETTE: tuple[str, ...] = ("red", "green", "blue", "yellow", "white", "purple", "cyan", "orange", "pink")
+assert set(COMP_PALETTE) == set(COLOURS)
+
+
+def scene_content(scene: Scene) -> str:
+    """The canonical composition of ``scene``: its objects as "colour shape", sorted, joined by "|".
+
+    Two scenes with the same colours and shapes but other bindings ("red circle|blue square" vs "blue
+    circle|red square") get different strings; position, size and background are left out.
+    """
+    return "|".join(sorted(f"{o.colour} {CLASSES[o.cls]}" for o in scene.objects))
+
+
+def grid_side(opts: WorldOptions) -> int:
+    """Cells per side of the compositional grid: the smallest square with a cell per object (at least 2×2)."""
+    return max(2, math.ceil(math.sqrt(opts.comp_objects[1])))
+
+
+def grid_position(obj: SceneObject, opts: WorldOptions) -> str:
+    """The grid cell of ``obj`` in words: "top left", "bottom right"; a 3×3 grid adds "top", "left", "center"."""
+    g = grid_side(opts)
+    cell = opts.image_size / g
+    col, row = min(int(obj.cx // cell), g - 1), min(int(obj.cy // cell), g - 1)
+    if g == 2:
+        return f"{('top', 'bottom')[row]} {('left', 'right')[col]}"
+    rows = ("top", *([""] * (g - 2)), "bottom")
+    cols = ("left", *([""] * (g - 2)), "right")
+    r, c = rows[row], cols[col]
+    return f"{r} {c}" if r and c else (r or c or "center")
+
+
+def sample_compositional_scene(
+    rng: np.random.Generator, opts: WorldOptions, n_objects: int | None = None, cls: int | None = None
+) -> Scene:
+    """A compositional scene: distinct shapes, distinct colours, one object per (distinct) grid cell.
+
+    ``objects[0]`` is the main object (the row's label); ``n_objects``/``cls`` force a scene of that size
+    whose main object is of class ``cls`` (the single-object eval splits). Objects have one size range, so
+    no object is singled out by its size and every object is as recognisable as any other.
+    """
+    s, g = opts.image_size, grid_side(opts)
+    lo, hi = opts.comp_objects
+    k = n_objects if n_objects is not None else int(rng.integers(lo, hi + 1))
+    if k > min(g * g, opts.n_colours):
+        raise ValueError(f"{k} objects do not fit a {g}x{g} grid with {opts.n_colours} distinct colours")
+    shapes = [int(x) for x in rng.permutation(len(CLASSES))]
+    if cls is not None:
+        shapes.remove(cls)
+        shapes.insert(0, cls)
+    colours = [COMP_PALETTE[int(i)] for i in rng.permutation(opts.n_colours)[:k]]
+    cells = [int(x) for x in rng.permutation(g * g)[:k]]
+    cell = s / g
+    objects = []
+    for i in range(k):
+        radius = float(rng.uniform(0.33, 0.43) * cell)
+        # Jitter the centre but keep the object inside its cell, so its position is its cell.
+        slack = max(cell / 2 - 0.95 * radius, 0.0)
+        row, col = divmod(cells[i], g)
+        cx = float((col + 0.5) * cell + rng.uniform(-slack, slack))
+        cy = float((row + 0.5) * cell + rng.uniform(-slack, slack))
+        angle = float(rng.uniform(-0.25, 0.25))
+        objects.append(SceneObject(shapes[i], colours[i], "large", cx, cy, radius, angle))
+    return Scene(tuple(objects), BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))])
+
+
+#: Templates of compositional captions: shorter than the shapes world's, so that four objects with their
+#: positions fit a 40-token context.
+_COMP_TEMPLATES: tuple[str, ...] = (
+    "{o}",
+    "{o}",
+    "{o}",
+    "a photo of {o}",
+    "picture of {o}",
+    "{O}.",
+    "{o} on {b}",
+    "IMG_{n} {o}",
+    "{o} - free vector art",
+    "clipart of {o}",
+    "simple illustration with {o}",
+    "{o}!!",
+)
+
+
+def make_compositional_caption(rng: np.random.Generator, scene: Scene, opts: WorldOptions) -> str:
+    """A caption naming every object of ``scene`` with its colour bound to its shape, in a random order.
+
+    "a red circle and a blue square", "IMG_4821 a green star, the pink moon and a white bar", with every
+    object's position ("a red circle in the top left") in a share ``p_position`` of captions. Web noise is
+    the shapes world's, kept as options: unrelated captions (``p_junk``), the main object's class misnamed
+    (``p_wrong``), synonyms (``p_synonym`` for shapes, half of it for colours), typos.
+    """
+    if rng.random() < opts.p_junk:
+        return _pick(rng, WEB_JUNK) if rng.random() < 0.6 else f"DSC_{int(rng.integers(10000)):04d}.jpg"
+    with_pos = rng.random() < opts.p_position
+    wrong = rng.random() < opts.p_wrong
+    # drawn last, so that captions with p_uncoloured=0 are exactly those of a world without the option
+    uncoloured = opts.p_uncoloured > 0 and rng.random() < opts.p_uncoloured
+    present = {o.cls for o in scene.objects}
+    phrases = []
+    for i in (int(x) for x in rng.permutation(len(scene.objects))):
+        o = scene.objects[i]
+        c = o.cls
+        if wrong and i == 0:  # a class not in the scene, so the caption stays a set of distinct bindings
+            c = int(rng.choice([x for x in range(len(CLASSES)) if x not in present]))
+        colour = _pick(rng, COLOUR_SYNONYMS[o.colour]) if rng.random() < opts.p_synonym / 2 else o.colour
+        phrase = _noun(rng, c, opts) if uncoloured else f"{colour} {_noun(rng, c, opts)}"
+        r = rng.random()
+        phrase = (f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}" if r < 0.75
+                  else (f"the {phrase}" if r < 0.9 else phrase))
+        if with_pos:
+            phrase += f" in the {grid_position(o, opts)}"
+        phrases.append(phrase)
+    objs = _join(rng, phrases)
+    text = _pick(rng, _COMP_TEMPLATES).format(
+        o=objs,
+        O=objs[:1].upper() + objs[1:],
+        b=_pick(rng, BACKGROUND_PHRASES[scene.background]),
+        n=int(rng.integers(1000, 9999)),
+    )
+    if rng.random() < 0.1:
+        text = text.capitalize()
+    if rng.random() < opts.p_typo:
+        text = _typo(rng, text)
+    return text
+
+
+# --------------------------------------------------------------------------------------------------
 # Batch generation
 
 
@@ -497,18 +641,23 @@ encode_png = png_bytes
 CHUNK = 1024
 
 
-def _pairs_chunk(args: tuple[int, int, int, WorldOptions]) -> tuple[list[bytes], list[str], list[int]]:
+Rows = tuple[list[bytes], list[str], list[int], list[str]]
+
+
+def _pairs_chunk(args: tuple[int, int, int, WorldOptions]) -> Rows:
     """Rows ``[start, start+count)`` of the training pairs; each chunk has its own seeded stream."""
     seed, start, count, opts = args
     rng = np.random.default_rng([seed, 0, start // CHUNK])
     renderer = SceneRenderer(opts.image_size)
-    images, captions, labels = [], [], []
+    comp = opts.world == "compositional"
+    images, captions, labels, content = [], [], [], []
     for _ in range(count):
-        scene = sample_scene(rng, opts)
+        scene = sample_compositional_scene(rng, opts) if comp else sample_scene(rng, opts)
         images.append(encode_png(renderer.render(scene, rng)))
-        captions.append(make_caption(rng, scene, opts))
+        captions.append(make_compositional_caption(rng, scene, opts) if comp else make_caption(rng, scene, opts))
         labels.append(scene.objects[0].cls)
-    return images, captions, labels
+        content.append(scene_content(scene))
+    return images, captions, labels, content
 
 
 def generate_pairs(
@@ -523,16 +672,30 @@ def generate_pairs(
     Rows are produced in fixed-size chunks with independent seeded streams, so the output depends on
     ``seed`` only — not on the number of worker processes used to render it.
     """
+    images, captions, labels, _ = generate_rows(n, seed, opts, progress, workers)
+    return images, captions, labels
+
+
+def generate_rows(
+    n: int,
+    seed: int,
+    opts: WorldOptions,
+    progress: Callable[[int], None] | None = None,
+    workers: int | None = None,
+) -> Rows:
+    """:func:`generate_pairs` plus each row's ground-truth ``content`` (:func:`scene_content`)."""
     jobs = [(seed, s, min(CHUNK, n - s), opts) for s in range(0, n, CHUNK)]
     workers = workers if workers is not None else min(len(jobs), os.cpu_count() or 1)
     images: list[bytes] = []
     captions: list[str] = []
     labels: list[int] = []
+    content: list[str] = []
 
-    def collect(part: tuple[list[bytes], list[str], list[int]]) -> None:
+    def collect(part: Rows) -> None:
         images.extend(part[0])
         captions.extend(part[1])
         labels.extend(part[2])
+        content.extend(part[3])
         if progress is not None:
             progress(len(part[1]))
 
@@ -544,22 +707,35 @@ def generate_pairs(
     else:
         for job in jobs:
             collect(_pairs_chunk(job))
-    return images, captions, labels
+    return images, captions, labels, content
 
 
 def generate_labelled(
     per_class: int, seed: int, stream: int, opts: WorldOptions
 ) -> tuple[list[np.ndarray], list[int]]:
     """Single-object, class-balanced labelled images for evaluation (``stream`` separates splits)."""
+    images, labels, _ = generate_labelled_scenes(per_class, seed, stream, opts)
+    return images, labels
+
+
+def generate_labelled_scenes(
+    per_class: int, seed: int, stream: int, opts: WorldOptions
+) -> tuple[list[np.ndarray], list[int], list[Scene]]:
+    """:func:`generate_labelled` plus the scenes drawn (compositional world: one object in a grid cell)."""
     rng = np.random.default_rng([seed, stream])
     renderer = SceneRenderer(opts.image_size)
-    images, labels = [], []
+    comp = opts.world == "compositional"
+    images, labels, scenes = [], [], []
     for _ in range(per_class):
         for c in range(len(CLASSES)):
-            scene = sample_scene(rng, opts, n_objects=1, cls=c)
+            if comp:
+                scene = sample_compositional_scene(rng, opts, n_objects=1, cls=c)
+            else:
+                scene = sample_scene(rng, opts, n_objects=1, cls=c)
             images.append(renderer.render(scene, rng))
             labels.append(c)
-    return images, labels
+            scenes.append(scene)
+    return images, labels, scenes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -574,6 +750,11 @@ def world_options(cfg: SynthConfig) -> WorldOptions:
         p_synonym=cfg.p_synonym,
         p_junk=cfg.p_junk,
         p_wrong=cfg.p_wrong,
+        world=cfg.world,
+        comp_objects=(cfg.min_objects, cfg.max_objects),
+        p_position=cfg.p_position,
+        n_colours=cfg.n_colours,
+        p_uncoloured=cfg.p_uncoloured,
     )
 
 
@@ -593,8 +774,11 @@ def write_world(
     if out.exists() and not overwrite:
         raise UserError(f"output {out} already exists; choose another path or remove it first")
     opts = world_options(cfg)
-    images, captions, labels = generate_pairs(cfg.n_train, cfg.seed, opts, progress)
-    pairs = build_pair_dataset(images, captions, labels)
+    images, captions, labels, content = generate_rows(cfg.n_train, cfg.seed, opts, progress)
+    # Only the compositional world writes ``content``: the column is part of the fingerprint, and the
+    # shapes world's datasets must keep theirs.
+    comp = cfg.world == "compositional"
+    pairs = build_pair_dataset(images, captions, labels, content=content if comp else None)
 
     splits = {}
     for stream, (split, per_class) in enumerate(
@@ -608,9 +792,10 @@ def write_world(
     ):
         if per_class == 0:
             continue
-        imgs, labs = generate_labelled(per_class, cfg.seed, stream, opts)
+        imgs, labs, scenes = generate_labelled_scenes(per_class, cfg.seed, stream, opts)
         splits[split] = build_pair_dataset(
-            [encode_png(x) for x in imgs], [TEMPLATES[0].format(CLASSES[c]) for c in labs], labs
+            [encode_png(x) for x in imgs], [TEMPLATES[0].format(CLASSES[c]) for c in labs], labs,
+            content=[scene_content(sc) for sc in scenes] if comp else None,
         )
         if progress is not None:
             progress(len(imgs))

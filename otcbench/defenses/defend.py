@@ -235,8 +235,9 @@ def run_defend(
     # path-based dataset of millions of images is never read to be written out.
     linked = has_image_paths(src.ds)
     images = [c["bytes"] if c["bytes"] is not None else f"{SOURCE_LINK}/{c['path']}" for c in image_cells(src.ds)]
+    # content describes the image, which every row keeps: it travels unchanged (match precision downstream)
     ds = build_pair_dataset(images, new_captions, list(src.ds["label"]), list(poison),
-                            list(src.ds["origin"]))
+                            list(src.ds["origin"]), content=src.content)
     meta = src.meta.model_copy(deep=True)
     meta.otcbench_version = __version__
     meta.created_by = {"command": command, "options": {"defense": defense, "defense_options": report["options"],

@@ -61,6 +61,9 @@ class TrainData:
     poison: list[str]
     captions: list[str]
     loader: LoaderOptions = field(default_factory=LoaderOptions)
+    #: Ground-truth composition of each row's image ("" = unknown, e.g. rows added by an attack); None when
+    #: the dataset has no ``content`` column. Kept after ``loader`` so positional construction still works.
+    content: list[str] | None = None
     _train_loader: ImageLoader | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -209,4 +212,4 @@ def _load(data: PairDataset, tokenizer, image_size: int | None, mode: Literal["m
     captions = data.captions
     tokens = tokenizer(captions)
     labels = torch.tensor(data.ds["label"], dtype=torch.long)
-    return TrainData(images, tokens, labels, data.poison_flags, captions, loader)
+    return TrainData(images, tokens, labels, data.poison_flags, captions, loader, content=data.content)
