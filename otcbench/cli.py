@@ -294,6 +294,9 @@ def train(
     if seed is not None:
         raw.setdefault("train", {})["seed"] = seed
     job = validate(TrainJob, apply_overrides(raw, set_), where="train")
+    from otcbench.defenses.base import check_defense
+
+    check_defense(job.defense.name, job.defense.options, job.train.epochs, f"defense {job.defense.name}")
     trainer = Trainer(job, out, resume=resume, show_progress=_progress_enabled(no_progress))
     try:
         last = trainer.fit()
@@ -465,8 +468,9 @@ def list_models(
     console.print(table)
 
 
-def _registry_table(registry, title: str, with_kind: bool = False) -> Table:
-    """One row per registered method: name, (kind), every option with its default, first doc line."""
+def _registry_table(registry, title: str, with_kind: bool = False, note=None) -> Table:
+    """One row per registered method: name, (kind), every option with its default, first doc line
+    (and ``note(cls)`` under it when given and not empty)."""
     table = Table(title=title)
     for col in ("name", *(("kind",) if with_kind else ()), "options", "description"):
         table.add_column(col)
@@ -480,6 +484,8 @@ def _registry_table(registry, title: str, with_kind: bool = False) -> Table:
             else:
                 opts.append(f"{k}={default!r}")
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        extra = note(cls) if note is not None else ""
+        doc = f"{doc}\n{extra}" if extra else doc
         kind = (cls.kind,) if with_kind else ()
         table.add_row(name, *kind, "\n".join(opts) or "-", doc)
     return table
@@ -490,11 +496,22 @@ def _registry_table(registry, title: str, with_kind: bool = False) -> Table:
 def list_defenses() -> None:
     """List defenses and their options (set them with --set defense.options.KEY=VALUE on `train`).
 
+    A variant registered under its own name (a subclass of another defense with other defaults) is a line
+    of its own, with what its defaults change from its parent's.
+
     Example: otcbench list defenses
     """
     from otcbench.defenses import DEFENSES
+    from otcbench.defenses.labels import compact, registered_variant_of
 
-    console.print(_registry_table(DEFENSES, "defenses"))
+    def variant_note(cls: type) -> str:
+        of = registered_variant_of(cls)
+        if of is None:
+            return ""
+        parent, phrases = of
+        return f"variant of {parent}" + (f": {compact(phrases, max_phrases=8)}" if phrases else "")
+
+    console.print(_registry_table(DEFENSES, "defenses", note=variant_note))
 
 
 @list_app.command("attacks")

@@ -141,3 +141,22 @@ def test_world_config_is_not_fooled_by_synth_in_a_poisoned_sets_path(tmp_path: P
                                                                "options": {"attacks": [["badnet", {}]]}},
                                      poison={"source": {"path": str(world)}}))
     assert world_config(DatasetMeta.model_validate_json((poisoned / "otcbench.json").read_text()), poisoned) == cfg
+
+
+def test_optimizer_state_from_the_checkpoint(cleanclip_job: TrainJob, trained_run: Path, tmp_path: Path) -> None:
+    """optimizer_state="checkpoint" (the official code's optimizer.load_state_dict): the fine-tuning starts with
+    the pre-training run's AdamW moments and step counts; "fresh" (default) with none."""
+    pre = last_state(trained_run)["optimizer"]
+    for mode in ("fresh", "checkpoint"):
+        job = with_defense(cleanclip_job, "cleanclip", trained_run / "checkpoints" / "last.pt", **FAST,
+                           optimizer_state=mode)
+        trainer = Trainer(job, tmp_path / mode, show_progress=False)
+        (tmp_path / mode).mkdir()  # fit() makes it; on_train_start logs there
+        trainer.defense.on_train_start(trainer)
+        state = trainer.optimizer.state_dict()["state"]
+        if mode == "fresh":
+            assert state == {}
+            continue
+        assert state.keys() == pre["state"].keys()
+        assert all(torch.equal(state[k]["exp_avg_sq"], pre["state"][k]["exp_avg_sq"]) for k in state)
+        assert all(float(state[k]["step"]) == float(pre["state"][k]["step"]) > 0 for k in state)

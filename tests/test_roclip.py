@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -229,3 +230,74 @@ def test_pool_update_always_fills_the_pool_in_plain_epochs(tmp_path: Path, make_
         with torch.no_grad():
             d.batch_loss(trainer, trainer.make_batch(torch.arange(64)))
         assert (d.pool.filled if d.pool is not None else 0) == filled
+
+
+# --------------------------------------------------------------------------------------------------
+# hub statistics, the later matching rule, the augmentation-matched reference
+
+
+def test_match_log_counts_hub_captions_on_a_hand_built_pool(tmp_path: Path, make_job: Callable[..., TrainJob]) -> None:
+    """Twelve images, a pool of four captions; nine images lie next to caption row 2 (a hub), three next to
+    row 7: the epoch's match line has 2 distinct captions, a largest group of 9, and the class precision
+    is the share of re-assigned images whose matched caption's row has the image's label."""
+    trainer = Trainer(with_defense(make_job(), "roclip", **SMALL), tmp_path / "run", show_progress=False)
+    d = trainer.defense
+    d.on_train_start(trainer)
+    torch.manual_seed(0)
+    caps = F.normalize(torch.randn(4, 16), dim=1)
+    pool = EmbeddingPool(8, 16, seed=1)
+    pool.push(caps, torch.tensor([2, 7, 11, 13]))
+    near = torch.tensor([0] * 9 + [1] * 3)  # pool slot each image is close to
+    images = F.normalize(caps[near] + 0.01 * torch.randn(12, 16), dim=1)
+    image_rows = torch.arange(100, 112)
+    d._record_matches(trainer, image_rows, pool.nearest(images).rows)
+    logged: list[dict] = []
+    trainer.log = logged.append
+    d.on_epoch_end(trainer, 1)
+    (rec,) = logged
+    assert rec["type"] == "roclip_match" and rec["match_n"] == 12
+    assert rec["match_distinct"] == 2 and rec["match_largest_group"] == 9
+    labels = torch.as_tensor(trainer.data.labels)
+    same = [int(labels[r] == labels[c]) for r, c in zip(image_rows.tolist(), [2] * 9 + [7] * 3, strict=True)]
+    assert rec["match_class_precision"] == pytest.approx(sum(same) / 12)
+
+
+def test_own_query_rule_matches_by_the_own_caption_and_image() -> None:
+    """match_query="own": the image trains with the pool caption nearest its *caption*, the caption with the pool
+    image nearest its *image*; both towers get gradient."""
+    torch.manual_seed(0)
+    d = RoCLIP(RoCLIPOptions(pool_size=8, match_query="own"))
+    trainer = SimpleNamespace(device=torch.device("cpu"), data=[None] * 20)
+    txt_pool, img_pool = F.normalize(torch.randn(4, 16), dim=1), F.normalize(torch.randn(4, 16), dim=1)
+    d.pool = EmbeddingPool(8, 16, seed=1)
+    d.pool.push(txt_pool, torch.tensor([10, 11, 12, 13]))
+    d.image_pool = EmbeddingPool(8, 16, seed=2)
+    d.image_pool.push(img_pool, torch.tensor([10, 11, 12, 13]))
+    txt = F.normalize(txt_pool[[3, 1, 0]] + 0.05 * torch.randn(3, 16), dim=1).requires_grad_()
+    img = F.normalize(torch.randn(3, 16), dim=1).requires_grad_()  # images unrelated to the caption pool
+    s = torch.tensor(10.0)
+    bank = d.image_pool.vectors.clone()  # 4 pushed images and 4 random initial entries
+    nn_i = bank[(img.detach() @ bank.t()).argmax(1)]
+    loss, extras = d._own_query_loss(trainer, img, txt, torch.tensor([0, 1, 2]), s)
+    target = torch.arange(3)
+    expected = 0.5 * (F.cross_entropy(s * img @ txt_pool[[3, 1, 0]].t(), target)
+                      + F.cross_entropy(s * txt @ nn_i.t(), target))
+    assert torch.allclose(loss, expected)
+    assert d.matched[:3].tolist() == [13, 11, 10]  # the caption rows the images trained with
+    loss.backward()
+    assert float(img.grad.abs().sum()) > 0 and float(txt.grad.abs().sum()) > 0
+    assert sorted(d.pool.rows[4:7].tolist()) == [0, 1, 2] and sorted(d.image_pool.rows[4:7].tolist()) == [0, 1, 2]
+    assert extras["matching"] == 1.0 and extras["matched_own"] == 0.0
+
+
+def test_augmented_reference_is_roclip_without_its_matching(tmp_path: Path, make_job: Callable[..., TrainJob]) -> None:
+    """none+aug trains bit for bit as roclip's plain epochs (same augmentation and EDA captions), and differs
+    from plain CLIP."""
+    job = make_job(epochs=1)
+    runs = {}
+    for name, opts in (("none+aug", {}), ("roclip", {"warmup_epochs": 99}), ("none", {})):
+        out = tmp_path / name
+        Trainer(with_defense(job, name, **opts), out, show_progress=False).fit()
+        runs[name] = last_state(out)["model"]
+    assert all(torch.equal(runs["none+aug"][k], runs["roclip"][k]) for k in runs["roclip"])
+    assert any(not torch.equal(runs["none+aug"][k], runs["none"][k]) for k in runs["none"])

@@ -4,6 +4,7 @@ phases and their learning rates, the unimodal loss, and a tiny end-to-end run th
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -133,15 +134,57 @@ def test_epoch_indices_risky_pass_then_safe_pass_without_mixed_batches() -> None
     assert bool(d.safe[d2.epoch_indices(SimpleNamespace(cfg=SimpleNamespace(batch_size=16)), 2, order)].all())
 
 
+def test_no_full_safe_batch_trains_nothing_that_epoch() -> None:
+    """An empty first split (or fewer safe pairs than a batch) must not become an epoch of the unimodal loss
+    on (nearly) all data at phase C's peak rate: the epoch has no rows at all."""
+    d = SafeCLIP(SafeCLIPOptions(**FAST))
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(0))
+    tr = SimpleNamespace(cfg=SimpleNamespace(batch_size=16))
+    d.safe = torch.zeros(100, dtype=torch.bool)
+    assert len(d.epoch_indices(tr, 2, order)) == 0
+    d.safe[:10] = True  # 10 safe pairs: no full batch of 16
+    assert len(d.epoch_indices(tr, 2, order)) == 0
+    d.safe[:16] = True  # one full safe batch: the risky pass (80 of 84 risky rows) and the safe pass run
+    assert len(d.epoch_indices(tr, 2, order)) == 80 + 16
+
+
+def test_phase_c_cosine_spans_its_epochs_whatever_their_steps() -> None:
+    """Phase C's cosine is positioned by epoch progress (as the official per-epoch scheduler index): a
+    phase-C epoch of few steps (a small split) ends where one of many steps ends."""
+    d = SafeCLIP(SafeCLIPOptions(unimodal_epochs=2, slow_epochs=1))  # phase C: epochs 3, 4, 5 of 6
+    cfg = SimpleNamespace(lr=1e-3, warmup=0.1, epochs=6, batch_size=10)
+    order = torch.arange(100)
+
+    def rates(epoch: int, n_safe: int) -> list[float]:
+        d.safe = torch.zeros(100, dtype=torch.bool)
+        d.safe[:n_safe] = True
+        n = len(d.epoch_indices(SimpleNamespace(cfg=cfg), epoch, order)) // 10
+        return [d.learning_rate(SimpleNamespace(cfg=cfg, steps_per_epoch=10, total_steps=60, epoch=epoch,
+                                                global_step=0, step_in_epoch=s), 1.0) for s in range(n)]
+
+    few, many = rates(3, 20), rates(3, 90)  # 10 steps either way (risky + safe passes fill the epoch)
+    assert few[0] == pytest.approx(1e-3) and len(few) == len(many) == 10
+    d2 = rates(4, 50)
+    # the second of three phase-C epochs starts one third into the cosine
+    assert d2[0] == pytest.approx(0.5e-3 * (1 + math.cos(math.pi / 3)))
+    only_clip = SafeCLIP(SafeCLIPOptions(unimodal_epochs=2, slow_epochs=1, unimodal_on_risky=False))
+    only_clip.safe = torch.zeros(100, dtype=torch.bool)
+    only_clip.safe[:30] = True  # 3 steps this epoch
+    assert len(only_clip.epoch_indices(SimpleNamespace(cfg=cfg), 5, order)) == 30
+    last = only_clip.learning_rate(SimpleNamespace(cfg=cfg, steps_per_epoch=10, total_steps=60, epoch=5,
+                                                   global_step=0, step_in_epoch=2), 1.0)
+    assert last == pytest.approx(0.5e-3 * (1 + math.cos(math.pi * (2 + 2 / 3) / 3)))
+
+
 def test_phases_and_learning_rates() -> None:
     d = SafeCLIP(SafeCLIPOptions(unimodal_epochs=2, slow_epochs=1, slow_lr_factor=0.01))
     assert [d.phase(e) for e in range(5)] == ["unimodal", "unimodal", "slow", "mixed", "mixed"]
-    cfg = SimpleNamespace(lr=1e-3, warmup=0.1)
-    tr = SimpleNamespace(cfg=cfg, steps_per_epoch=10, total_steps=60, epoch=2, global_step=25)
+    cfg = SimpleNamespace(lr=1e-3, warmup=0.1, epochs=6)
+    tr = SimpleNamespace(cfg=cfg, steps_per_epoch=10, total_steps=60, epoch=2, global_step=25, step_in_epoch=5)
     assert d.learning_rate(tr, 123.0) == pytest.approx(1e-5)  # phase B: constant 0.01 x lr
-    tr.epoch, tr.global_step = 3, 30
+    tr.epoch, tr.global_step, tr.step_in_epoch = 3, 30, 0
     assert d.learning_rate(tr, 123.0) == pytest.approx(1e-3)  # phase C restarts at the full rate
-    tr.global_step = 59
+    tr.epoch, tr.global_step, tr.step_in_epoch = 5, 59, 9
     assert d.learning_rate(tr, 123.0) < 1e-5
     tr.epoch, tr.global_step = 0, 0
     assert d.learning_rate(tr, 123.0) == pytest.approx(1e-3 / 3)  # warm-up over 10% of phases A+B (3 steps)
@@ -198,8 +241,10 @@ def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def safeclip_job(small_world: Path, make_job: Callable[..., TrainJob]) -> TrainJob:
+    # threshold 0.5: at P >= 0.9 this untrained model keeps 4 of 128 pairs, less than a batch, and such an epoch
+    # trains nothing (test_empty_first_split_epoch_trains_nothing); 0.5 keeps ~55 %, both passes run
     return with_defense(make_job(data=small_world, epochs=4, batch_size=32, checkpoint_every_steps=1),
-                        "safeclip", **FAST)
+                        "safeclip", **FAST, threshold=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +262,9 @@ def test_safeclip_trains_through_all_phases(safeclip_run: Path) -> None:
     assert all(r["lr"] == pytest.approx(0.01 * 3e-3) for r in steps[4:8])  # phase B at 0.01 x lr
     splits = [r for r in log if r["type"] == "safeclip"]
     assert [r["epoch"] for r in splits] == [2, 3]
+    reprs = [r for r in log if r["type"] == "safeclip_repr"]  # after phase A and after phase B
+    assert [r["epoch"] for r in reprs] == [0, 1] and all(-1 <= r["text_cos"] <= 1 for r in reprs)
+    assert reprs[0]["logit_scale"] == pytest.approx(steps[3]["logit_scale"], abs=1e-3)
     mixed = [r for r in steps if r["epoch"] == 2]
     risky = [r["risky"] for r in mixed]
     assert risky == sorted(risky, reverse=True)  # the risky pass first, then the safe pass
@@ -237,11 +285,58 @@ def test_safeclip_resumes_exactly(safeclip_run: Path, safeclip_job: TrainJob, tm
     assert [r["epoch"] for r in log if r["type"] == "safeclip"] == [2, 3]
 
 
+def test_empty_first_split_epoch_trains_nothing(
+    small_world: Path, make_job: Callable[..., TrainJob], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """End to end: every pair scores the same, the GMM finds no clean component (P = 0.5 < 0.9), and the
+    phase-C epoch runs no step instead of the unimodal loss on all data."""
+    monkeypatch.setattr(SafeCLIP, "_scores", lambda self, ctx, epoch: torch.zeros(len(ctx.data)))
+    job = with_defense(make_job(data=small_world, epochs=3, batch_size=32), "safeclip", **FAST)
+    Trainer(job, tmp_path / "run", show_progress=False).fit()
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if r["type"] == "step"]
+    assert {r["epoch"] for r in steps} == {0, 1}
+    split = next(r for r in log if r["type"] == "safeclip")
+    assert split["epoch"] == 2 and split["safe_fraction"] == 0.0 and split["trained"] is False
+    epochs = [r for r in log if r["type"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2] and epochs[-1]["step"] == epochs[-2]["step"] == 8
+
+
 def test_too_few_epochs_is_a_clear_error(safeclip_job: TrainJob, tmp_path: Path) -> None:
     d = safeclip_job.model_dump()
     d["train"]["epochs"] = 2
     with pytest.raises(UserError, match="leaves no filtering epoch"):
         Trainer(TrainJob.model_validate(d), tmp_path / "run", show_progress=False).fit()
+
+
+def test_unworkable_epochs_are_refused_before_any_work(tiny_world: Path, tmp_path: Path) -> None:
+    """A recipe entry or an `otcbench train` whose epochs leave SafeCLIP no filtering epoch stops at validation
+    with one line (what, where, how to fix), before data, model or output directory exist."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from otcbench.bench.recipe import load_recipe
+    from otcbench.bench.runner import plan_recipe
+    from otcbench.cli import app
+
+    raw = {"name": "tiny", "data": {"synth": {"n_train": 64}}, "attacks": ["none"],
+           "defenses": ["none", {"name": "safeclip", "label": "safe", "train": {"epochs": 6}}],
+           "train": {"epochs": 8}, "seeds": [0]}
+    f = tmp_path / "recipe.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError, match=r"^defense safe: train.epochs=6 leaves no filtering epoch after "
+                       r"unimodal_epochs=5 \+ slow_epochs=1; set train.epochs \(--epochs\) to 7 or more"):
+        plan_recipe(load_recipe(f)[0], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    raw["defenses"][1]["train"] = {"epochs": 7}  # one filtering epoch: fine
+    f.write_text(yaml.safe_dump(raw))
+    assert len(plan_recipe(load_recipe(f)[0], tmp_path / "out").runs) == 2
+
+    r = CliRunner().invoke(app, ["train", str(tiny_world), str(tmp_path / "run"), "--defense", "safeclip",
+                                 "--epochs", "3", "--set", "defense.options.unimodal_epochs=2"])
+    assert r.exit_code == 2 and not (tmp_path / "run").exists()
+    line = " ".join(r.output.split())
+    assert "defense safeclip: train.epochs=3 leaves no filtering epoch" in line and "to 4 or more" in line
 
 
 def test_defend_writes_the_split_and_its_scores(trained_run: Path, tiny_world: Path, tmp_path: Path) -> None:

@@ -150,7 +150,7 @@ def test_summary_rows_carry_the_variant_of_each_planned_run(tmp_path: Path) -> N
                       "train": {"epochs": 2}},
                      {"name": "cleanclip", "init_from": "none", "train": {"epochs": 3}},
                      {"name": "roclip", "options": {"pool_size": 1024}, "sweep": {"options.match_every": [1, 2]}}],
-        "train": {"epochs": 1},
+        "train": {"epochs": 7},  # the quickstart SafeCLIP's 6 phase-B epochs need a filtering epoch (validated)
     }
     f = tmp_path / "r.yaml"
     f.write_text(yaml.safe_dump(recipe))

@@ -230,6 +230,7 @@ def plan_recipe(recipe: Recipe, out: str | Path | None = None, *, resume: bool =
 
     from otcbench.attacks import ATTACKS
     from otcbench.defenses import DEFENSES
+    from otcbench.defenses.base import check_defense
 
     out = Path(out) if out is not None else Path("results") / recipe.name
     attacks = expand_attacks(recipe)
@@ -249,6 +250,10 @@ def plan_recipe(recipe: Recipe, out: str | Path | None = None, *, resume: bool =
     resolved_defense: dict[str, dict[str, Any]] = {}
     for d in defenses:
         resolved_defense[d.label] = DEFENSES.options(d.spec.name, d.options).model_dump(mode="json")
+        # options that cannot work together (SafeCLIP epochs leaving no filtering epoch): refused before any run
+        where = f"defense {d.label}"
+        d_train = validate(TrainConfig, _merge(recipe.train.model_dump(mode="json"), d.train), where=where)
+        check_defense(d.spec.name, d.options, d_train.epochs, where)
         if d.spec.init_from is not None and d.spec.init_from not in dlabels:
             raise UserError(f"defense {d.label}: init_from {d.spec.init_from!r} is not a defense label of this "
                             f"recipe (labels: {', '.join(sorted(dlabels))})")

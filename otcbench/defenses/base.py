@@ -96,6 +96,12 @@ class Defense:
         """
         return epochs * cls.relative_cost
 
+    @classmethod
+    def check(cls, options: Options, epochs: int) -> str | None:
+        """Why ``options`` cannot work in a run of ``epochs`` epochs — one line saying what and how to fix it —
+        or None. Called before any work starts (``otcbench train``, recipe planning): :func:`check_defense`."""
+        return None
+
     def on_train_start(self, trainer: Trainer) -> None:
         """Called once before the first step."""
 
@@ -141,3 +147,14 @@ class Defense:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+
+def check_defense(name: str, options: dict[str, Any] | Options, epochs: int, where: str) -> None:
+    """Raise a one-line :class:`~otcbench.errors.UserError` (prefixed by ``where``) when the defense ``name``
+    with ``options`` cannot work in a run of ``epochs`` epochs (its :meth:`Defense.check`)."""
+    from otcbench.errors import UserError
+
+    opts = options if isinstance(options, Options) else DEFENSES.options(name, options)
+    problem = DEFENSES.get(name).check(opts, epochs)
+    if problem:
+        raise UserError(f"{where}: {problem}")

@@ -21,7 +21,7 @@ was made from, must then be a synthetic world). The learning rate and warm-up ar
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -72,6 +72,11 @@ class CleanCLIPOptions(Options):
         "the quickstart's 150 steps need 1e-4; None: train.lr and train.warmup)",
     )
     warmup_steps: int = Field(50, ge=0, description="linear warm-up steps before the cosine (published 50)")
+    optimizer_state: Literal["fresh", "checkpoint"] = Field(
+        "fresh",
+        description="fresh: a new AdamW at the checkpoint; checkpoint: the pre-training run's AdamW state (moments, "
+        "betas, eps, weight decay) from the --init checkpoint, as the official code (optimizer.load_state_dict)",
+    )
     eda: EDAOptions = Field(default_factory=EDAOptions)
 
 
@@ -146,6 +151,16 @@ class CleanCLIP(Defense):
 
     def on_train_start(self, trainer: Any) -> None:
         self.aug_tokens = eda_tokens(trainer, trainer.cfg.seed, self.options.eda)
+        if self.options.optimizer_state == "checkpoint" and trainer.global_step == 0:
+            # a resumed run (global_step > 0) already restored its own optimiser from last.pt
+            from otcbench.models import load_checkpoint_file
+
+            state = load_checkpoint_file(Path(trainer.job.model.init)).get("optimizer")
+            if state is None:
+                raise UserError(f"cleanclip: --init {trainer.job.model.init} holds no optimiser state; use "
+                                "--set defense.options.optimizer_state=fresh")
+            # all of it, param-group hyperparameters included, as the official code; the lr is set every step
+            trainer.optimizer.load_state_dict(state)
         if trainer.global_step == 0:
             trainer.log({"type": "cleanclip", "step": 0, "clean_pairs": len(trainer.data), "source": self.source})
 

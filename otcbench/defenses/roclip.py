@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 
 from otcbench.config import Options
@@ -59,6 +60,12 @@ class RoCLIPOptions(Options):
     reencode_matched: bool = Field(
         False, description="re-encode matched captions with gradient (official: no text gradient in matching epochs)"
     )
+    match_query: Literal["image", "own"] = Field(
+        "image",
+        description="image: each image queries the caption pool (official code, NeurIPS 2023); own: the later "
+        "paper's rule -- the image trains with the pool caption nearest its own caption and the caption with the "
+        "pool image nearest its own image (two pools; both towers learn in matching epochs)",
+    )
     own_pair_weight: float = Field(
         0.0, ge=0, description="weight of the plain CLIP loss on the own pairs in matching epochs (official 0)"
     )
@@ -82,12 +89,14 @@ class RoCLIP(Defense):
         "augment": lambda v: None if v else "no augmentation",
         "eda_once": lambda v: None if v else "fresh EDA per epoch",
         "reencode_matched": lambda v: "re-encoded matches" if v else None,
+        "match_query": lambda v: "own-pair queries" if v == "own" else None,
     }
     options: RoCLIPOptions
 
     def __init__(self, options: RoCLIPOptions) -> None:
         super().__init__(options)
         self.pool: EmbeddingPool | None = None
+        self.image_pool: EmbeddingPool | None = None  # match_query="own" only
         self.text_tokens: torch.Tensor | None = None  # EDA captions (or the originals)
         self.tokens_epoch = -1
         self.epoch = 0
@@ -134,6 +143,8 @@ class RoCLIP(Defense):
                 self._pool(txt.shape[1], trainer.device).push(txt, rows)
             return clip_loss(img, txt, scale), {"matching": 0.0}
         pool = self._pool(txt.shape[1], trainer.device)
+        if o.match_query == "own":
+            return self._own_query_loss(trainer, img, txt, rows, scale)
         match = pool.nearest(img)  # before this batch's captions enter the pool (official order)
         pool.push(txt, rows)
         self._record_matches(trainer, rows, match.rows)
@@ -156,6 +167,27 @@ class RoCLIP(Defense):
             "matched_cos": float(match.similarity.mean()),
         }
         return loss, extras
+
+    def _own_query_loss(self, trainer: Any, img: torch.Tensor, txt: torch.Tensor, rows: torch.Tensor,
+                        scale: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The later RoCLIP rule: ½[CE(s·I·nn_T(T)ᵀ) + CE(s·T·nn_I(I)ᵀ)], each nearest neighbour looked up in its
+        pool (caption pool by the own caption, image pool by the own image) before the batch enters them."""
+        pool = self._pool(txt.shape[1], trainer.device)
+        if self.image_pool is None:
+            self.image_pool = EmbeddingPool(self.options.pool_size, img.shape[1], trainer.device, seed=self._seed + 1)
+        elif self.image_pool.device != trainer.device:
+            self.image_pool.to(trainer.device)
+        nn_t, nn_i = pool.nearest(txt), self.image_pool.nearest(img)
+        pool.push(txt, rows)
+        self.image_pool.push(img, rows)
+        self._record_matches(trainer, rows, nn_t.rows)
+        target = torch.arange(len(img), device=img.device)
+        loss = 0.5 * (F.cross_entropy((scale * img.float() @ nn_t.vectors.float().t()), target)
+                      + F.cross_entropy((scale * txt.float() @ nn_i.vectors.float().t()), target))
+        loss = loss + self.options.own_pair_weight * clip_loss(img, txt, scale)
+        return loss, {"matching": 1.0, "matched_own": float((nn_t.rows == rows).float().mean()),
+                      "matched_random": float((nn_t.rows < 0).float().mean()),
+                      "matched_cos": float(nn_t.similarity.mean())}
 
     def _record_matches(self, trainer: Any, image_rows: torch.Tensor, matched: torch.Tensor) -> None:
         """Remember which caption row each image of a matching epoch trained on (for the epoch's match log)."""
@@ -203,9 +235,12 @@ class RoCLIP(Defense):
 
     def state_dict(self) -> dict[str, Any]:
         return {"pool": self.pool.state_dict() if self.pool is not None else None,
+                "image_pool": self.image_pool.state_dict() if self.image_pool is not None else None,
                 "matched": self.matched.clone() if self.matched is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("pool") is not None:
             self.pool = EmbeddingPool.from_state(state["pool"])
+        if state.get("image_pool") is not None:
+            self.image_pool = EmbeddingPool.from_state(state["image_pool"])
         self.matched = state["matched"].clone() if state.get("matched") is not None else None

@@ -18,7 +18,9 @@ C. every remaining epoch: the cosine similarity of every pair (model in eval mod
 Differences from the official code, each an option: pairs are scored on the images and captions as they
 are (``score_views="clean"``; the official code scores its first augmented view, ``"augmented"``); the
 learning-rate schedule ``"restart"`` follows the official shape (phase A: warm-up and cosine over phases A+B,
-phase B constant, phase C a fresh cosine decay) without its 10,000-step warm-ups; ``"global"`` uses the
+phase B constant, phase C a fresh cosine decay spanning its epochs, positioned by epoch progress as the
+official per-epoch scheduler index) without its 10,000-step warm-ups; a phase-C epoch without a full batch
+of safe pairs trains nothing (not the unimodal loss on nearly all data); ``"global"`` uses the
 trainer's one schedule everywhere except phase B. The split and the ratio are kept in checkpoints, so a
 resumed run continues exactly (the official code cannot resume after the warm-up).
 """
@@ -34,7 +36,7 @@ from pydantic import Field
 from otcbench.config import Options
 from otcbench.data.augment import ImageAugOptions, augment_images
 from otcbench.defenses.base import DEFENSES, DataContext, DataStepResult, Defense
-from otcbench.defenses.embed import embed_captions, pair_cosine
+from otcbench.defenses.embed import embed_captions, embed_images, pair_cosine
 from otcbench.defenses.pool import EmbeddingPool
 from otcbench.defenses.unimodal import (
     EDAOptions,
@@ -145,6 +147,17 @@ class SafeCLIP(Defense):
     # `bench train` times the steady state: filtering (phase C) from the first epoch
     bench_options: ClassVar[dict[str, Any]] = {"unimodal_epochs": 0, "slow_epochs": 0}
     relative_cost = 2.3  # official options: unimodal losses on two views of the risky pairs (554 s vs 238 s)
+    # table labels of non-default runs (the quickstart's: "no warm-up, full-rate slow phase, no cross-aug, no
+    # risky-set loss"); every SafeCLIP option changes results, so label_ignore stays empty
+    variant_phrases: ClassVar[dict[str, Any]] = {
+        "unimodal_epochs": lambda v: "no warm-up" if v == 0 else f"warm-up {v}",
+        "slow_lr_factor": lambda v: "full-rate slow phase" if v == 1.0 else None,
+        "cross_aug": lambda v: None if v else "no cross-aug",
+        "unimodal_on_risky": lambda v: None if v else "no risky-set loss",
+        "nn_bank": lambda v: None if v else "in-batch positives",
+        "score_views": lambda v: f"scored on {v} views",
+        "lr_schedule": lambda v: f"{v} lr schedule",
+    }
     options: SafeCLIPOptions
 
     @classmethod
@@ -169,6 +182,7 @@ class SafeCLIP(Defense):
         self.split_epoch = -1
         self.ratio: float | None = None
         self.safe: torch.Tensor | None = None  # (N,) bool
+        self._epoch_steps = 0  # optimiser steps of the current phase-C epoch (its lr position)
 
     # ----------------------------------------------------------------------------------------------
     # phases
@@ -185,13 +199,21 @@ class SafeCLIP(Defense):
             return "slow"
         return "mixed"
 
+    @classmethod
+    def check(cls, options: Options, epochs: int) -> str | None:
+        """Phase C (filtering) needs at least one epoch after phases A and B."""
+        assert isinstance(options, SafeCLIPOptions)
+        first = options.unimodal_epochs + options.slow_epochs
+        if epochs > first:
+            return None
+        return (f"train.epochs={epochs} leaves no filtering epoch after unimodal_epochs="
+                f"{options.unimodal_epochs} + slow_epochs={options.slow_epochs}; set train.epochs (--epochs) to "
+                f"{first + 1} or more, or lower defense.options.unimodal_epochs / slow_epochs")
+
     def on_train_start(self, trainer: Any) -> None:
-        if trainer.cfg.epochs <= self.first_mixed_epoch:
-            raise UserError(
-                f"safeclip: train.epochs={trainer.cfg.epochs} leaves no filtering epoch after "
-                f"unimodal_epochs={self.options.unimodal_epochs} + slow_epochs={self.options.slow_epochs}; "
-                f"use --epochs {self.first_mixed_epoch + 1} or more, or lower --set defense.options.unimodal_epochs"
-            )
+        problem = self.check(self.options, trainer.cfg.epochs)
+        if problem:  # also checked before any work by `otcbench train` and recipe planning
+            raise UserError(f"safeclip: {problem}")
         self._seed = trainer.cfg.seed
         self.views = [eda_tokens(trainer, self._seed * 1_000 + k, self.options.eda) for k in (1, 2)]
 
@@ -212,9 +234,18 @@ class SafeCLIP(Defense):
             return lr
         if phase == "unimodal":
             return cosine_lr(trainer.global_step, cfg.lr, warmup_steps(cfg.warmup, warm), warm)
-        span = max(1, trainer.total_steps - warm)
-        # a fresh cosine decay over phase C; a warm-up only when nothing came before it
-        return cosine_lr(trainer.global_step - warm, cfg.lr, warmup_steps(cfg.warmup, span) if warm == 0 else 0, span)
+        # phase C: one fresh cosine decay over its epochs, positioned by epoch progress. The official code sizes
+        # it the same way: its CLIP passes' cosine spans total_train_steps = sum_k (r + k*ratio_step) * batches
+        # and advances by total_train_steps / E_C per epoch, whatever the epoch's own number of steps (here
+        # the passes shrink with the split). Its offset quirks (absolute epoch index, no clamp) are not kept.
+        mixed_epochs = max(1, cfg.epochs - self.first_mixed_epoch)
+        n_here = max(1, self._epoch_steps or trainer.steps_per_epoch)
+        progress = (epoch - self.first_mixed_epoch + min(trainer.step_in_epoch, n_here) / n_here) / mixed_epochs
+        if warm == 0:
+            n_warm = warmup_steps(cfg.warmup, trainer.total_steps)
+            if trainer.global_step < n_warm:  # a warm-up only when nothing came before phase C
+                return cfg.lr * (trainer.global_step + 1) / n_warm
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, progress)))
 
     # ----------------------------------------------------------------------------------------------
     # the data-side step: score, fit the GMM, split
@@ -276,6 +307,18 @@ class SafeCLIP(Defense):
         return DataStepResult(caption_index=ctx.caption_index.clone(), flagged=~safe, keep=safe,
                               scores={"cosine": cos, "p_clean": p_clean}, summary=summary)
 
+    def representation_record(self, trainer: Any, epoch: int, n: int = 512) -> dict[str, Any]:
+        """A ``safeclip_repr`` log line: the temperature and the geometry of the embeddings of ``n`` seeded rows
+        (mean off-diagonal cosine within images and within captions, mean own-pair cosine, clean views)."""
+        rows = torch.randperm(len(trainer.data), generator=torch.Generator().manual_seed(self._seed))[:n].sort().values
+        img, txt = embed_images(trainer, rows), embed_captions(trainer, trainer.caption_index[rows])
+        off = ~torch.eye(len(rows), dtype=torch.bool, device=img.device)
+        return {"type": "safeclip_repr", "epoch": epoch, "step": trainer.global_step,
+                "logit_scale": round(float(trainer.logit_scale().detach()), 4),
+                "image_cos": round(float((img @ img.t())[off].mean()), 5),
+                "text_cos": round(float((txt @ txt.t())[off].mean()), 5),
+                "pair_cos": round(float((img * txt).sum(-1).mean()), 5)}
+
     def on_epoch_start(self, trainer: Any, epoch: int) -> None:
         self.epoch = epoch
         if self.phase(epoch) != "mixed" or self.split_epoch == epoch:
@@ -286,10 +329,18 @@ class SafeCLIP(Defense):
         self.split_epoch = epoch
         record: dict[str, Any] = {"type": "safeclip", "epoch": epoch, "step": trainer.global_step + 1,
                                   **{k: round(v, 5) for k, v in res.summary.items()}}
+        bs = getattr(getattr(trainer, "cfg", None), "batch_size", None)
+        if bs is not None and int(self.safe.sum()) < bs:
+            record["trained"] = False  # no full safe batch: this epoch trains nothing (epoch_indices)
         poison = torch.tensor([bool(p) for p in trainer.data.poison])
         if bool(poison.any()):
             record["risky_poison_recall"] = round(float((~self.safe[poison]).float().mean()), 5)
         trainer.log(record)
+
+    def on_epoch_end(self, trainer: Any, epoch: int) -> None:
+        if epoch + 1 in (self.options.unimodal_epochs, self.first_mixed_epoch):
+            # after phase A and after phase B: what the warm-up left (why a split keeps nothing, docs/baselines.md)
+            trainer.log(self.representation_record(trainer, epoch))
 
     def epoch_indices(self, trainer: Any, epoch: int, order: torch.Tensor) -> torch.Tensor:
         if self.phase(epoch) != "mixed":
@@ -302,8 +353,16 @@ class SafeCLIP(Defense):
         # (the official loaders' drop_last), so no batch mixes the two losses
         risky_rows = risky_rows[: len(risky_rows) // bs * bs]
         kept_safe = safe_rows[: len(safe_rows) // bs * bs]
+        if not len(kept_safe):
+            # no full batch of safe pairs (the first split kept none, or fewer than a batch): the epoch trains
+            # nothing. Its risky pass alone would be phase A again on (nearly) all data at phase C's peak rate,
+            # which erases the cross-modal alignment the split needs (the official code reaches this case with
+            # an empty CLIP loader; its unimodal pass then runs at ~2 % of the rate by a scheduler-index quirk)
+            self._epoch_steps = 0
+            return order[:0]
         rows = torch.cat([risky_rows, kept_safe])
-        return rows if len(rows) else safe_rows if len(safe_rows) else order
+        self._epoch_steps = len(rows) // bs
+        return rows
 
     # ----------------------------------------------------------------------------------------------
     # losses

@@ -398,8 +398,9 @@ class Trainer:
         epoch = self.epoch
         self.defense.on_epoch_start(self, epoch)
         order = self.defense.epoch_indices(self, epoch, epoch_order(len(self.data), self.cfg.seed, epoch))
-        bs = min(self.cfg.batch_size, len(order))
-        n_steps = max(1, len(order) // bs)
+        bs = min(self.cfg.batch_size, len(order)) or 1
+        # an empty order is an epoch that trains nothing (SafeCLIP without a full batch of safe pairs)
+        n_steps = max(1, len(order) // bs) if len(order) else 0
         progress.update(step_task, total=n_steps, completed=self.step_in_epoch,
                         description=f"epoch {epoch + 1}/{self.cfg.epochs}")
         if self.step_in_epoch == 0:
