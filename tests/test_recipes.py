@@ -77,8 +77,8 @@ def test_shipped_recipes_parse_and_their_registered_methods_validate() -> None:
     # the README's job: clean reference (plain CLIP only) + one poisoned set × 6 defenses, one seed
     assert grid_size(quick) == 7
     assert [a.label for a in expand_attacks(quick)] == ["clean", "targeted+badnet"]
-    assert [d.label for d in expand_defenses(quick)] == ["none", "roclip", "safeclip", "cleanclip", "otcclip",
-                                                          "otcclip+filter"]
+    assert [d.label for d in expand_defenses(quick)] == ["none", "none+aug", "roclip", "safeclip", "cleanclip",
+                                                          "otcclip"]
     full, _ = load_recipe("synthetic-full")
     assert full.seeds == [0, 1, 2]
     assert {a for e in expand_attacks(full) for a in e.attacks} == set(ATTACKS.names())
