@@ -62,7 +62,8 @@ def plan_of(tmp_path: Path, raw: dict[str, Any], out: str = "out", overrides: li
 
 def test_shipped_recipes_parse_and_their_registered_methods_validate() -> None:
     names = recipe_names()
-    shipped = {"quickstart", "synthetic-full", "otcclip-ablations", "adaptive", "cc3m-rn50", "coco-rn50", "vg-rn50"}
+    shipped = {"quickstart", "synthetic-full", "otcclip-ablations", "adaptive", "cc3m-rn50", "coco-rn50", "vg-rn50",
+               "finegrained"}
     assert shipped <= set(names)
     for name in names:
         recipe, path = load_recipe(name)
@@ -81,7 +82,11 @@ def test_shipped_recipes_parse_and_their_registered_methods_validate() -> None:
                                                           "otcclip"]
     full, _ = load_recipe("synthetic-full")
     assert full.seeds == [0, 1, 2]
-    assert {a for e in expand_attacks(full) for a in e.attacks} == set(ATTACKS.names())
+    # every attack of the shapes world; adaptive-describe needs the compositional world (the finegrained recipe)
+    assert {a for e in expand_attacks(full) for a in e.attacks} == set(ATTACKS.names()) - {"adaptive-describe"}
+    fine, _ = load_recipe("finegrained")
+    assert fine.seeds == [0, 1, 2] and fine.data.synth is not None and fine.data.synth.world == "compositional"
+    assert {"none", "roclip", "otcclip", "otcclip+filter", "safeclip"} <= {d.spec.name for d in expand_defenses(fine)}
     real, _ = load_recipe("cc3m-rn50")
     assert real.requires.gpu and real.data.path == "data/cc3m"
 
