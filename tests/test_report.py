@@ -274,3 +274,20 @@ def test_match_curves_from_logs_and_plot(tmp_path: Path) -> None:
     assert out / "plots" / "match_precision.png" in files
     with Image.open(out / "plots" / "match_precision.png") as img:
         img.verify()
+
+
+def test_report_tabulates_match_precision_and_keeps_it_without_logs(tmp_path: Path) -> None:
+    from otcbench.bench.report import MATCH_FILE, write_report
+
+    out = summary(tmp_path)
+    (out / "runs" / "r0").mkdir(parents=True)
+    (out / "runs" / "r0" / "log.jsonl").write_text(json.dumps(
+        {"type": "otcclip_match", "epoch": 1, "match_precision": 0.5, "match_n": 10, "match_precision_ot": 0.5,
+         "match_n_ot": 10, "match_precision_global": 0.25, "match_n_global": 8}) + "\n")
+    md = write_report(out, plots=False)
+    assert "match precision" in md and "| 2 | 50.0 | 50.0 | 25.0 | 10 |" in md  # epoch 1 is the 2nd epoch
+    assert (out / MATCH_FILE).is_file()
+    import shutil
+
+    shutil.rmtree(out / "runs")  # a committed results directory without its logs reports the same
+    assert write_report(out, plots=False) == md

@@ -484,6 +484,9 @@ def write_report(out: str | Path, *, plan: Plan | None = None, plots: bool = Tru
     overview = overview_table(df, title)
     if overview:
         md += "\n" + overview
+    matching = match_precision_table(_match_curves(df, out))
+    if matching:
+        md += "\n" + matching
     atomic_write_text(out / "table.md", md)
     atomic_write_text(out / "table.tex", latex_table(df, title))
     if plots:
@@ -491,6 +494,47 @@ def write_report(out: str | Path, *, plan: Plan | None = None, plots: bool = Tru
 
         write_plots(df, out)
     return md
+
+
+MATCH_FILE = "match_precision.csv"
+
+
+def _match_curves(df: pd.DataFrame, out: Path) -> pd.DataFrame:
+    """Match precision per matching from the runs' logs, kept in ``match_precision.csv`` so that a results
+    directory committed without its run logs still reports it."""
+    from otcbench.bench.logs import MATCH_COLUMNS, match_curves
+    from otcbench.train.checkpoint import atomic_write_text
+
+    curves = match_curves(df, out)
+    path = out / MATCH_FILE
+    if not curves.empty:
+        atomic_write_text(path, curves.to_csv(index=False))
+        return curves
+    if path.is_file():
+        return pd.read_csv(path)
+    return pd.DataFrame(columns=MATCH_COLUMNS)
+
+
+def match_precision_table(curves: pd.DataFrame) -> str:
+    """Markdown: match precision (%) per attack, defense and matching epoch, mean ± std over seeds, for the
+    assignment trained on and for the OT and global scores' own picks at the same matchings ("" when none)."""
+    if curves.empty:
+        return ""
+    lines = ["### match precision: re-assigned captions that describe the image (%)", "",
+             "| attack | defense | epoch | trained on | OT score's pick | global score's pick | re-assigned (mean n) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for (attack, defense, epoch), g in curves.groupby(["attack", "defense", "epoch"], sort=False):
+        cells = []
+        for score in ("used", "ot", "global"):
+            v = g.loc[g["score"] == score, "precision"]
+            std = float(v.std()) if len(v) > 1 else math.nan
+            cells.append("–" if v.empty else _fmt(float(v.mean()), std, True, "±"))
+        n = g.loc[g["score"] == "used", "n"]
+        cells.append("–" if n.empty else f"{n.mean():.0f}")
+        lines.append(f"| {attack} | {defense} | {int(epoch) + 1} | " + " | ".join(cells) + " |")
+    lines += ["", "Epochs are 1-based; mean ± sample std over seeds. The OT and global picks are what each score "
+              "alone chose at the same matching, before any cap (docs/otcclip.md, match precision)."]
+    return "\n".join(lines) + "\n"
 
 
 def _recipe_name(out: Path) -> str:
