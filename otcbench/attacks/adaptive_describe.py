@@ -44,6 +44,7 @@ from otcbench.data.synth import (
     BACKGROUND_PHRASES,
     CLASSES,
     COMP_PALETTE,
+    COMP_TEMPLATES,
     Scene,
     SceneObject,
     SceneRenderer,
@@ -58,19 +59,7 @@ from otcbench.errors import UserError
 
 #: Caption frames in the compositional world's style (its templates without the file-name noise that would
 #: make poisons of one target differ by more than their objects).
-_FRAMES: tuple[str, ...] = (
-    "{o}",
-    "{o}",
-    "{o}",
-    "a photo of {o}",
-    "picture of {o}",
-    "{O}.",
-    "{o} on {b}",
-    "{o} - free vector art",
-    "clipart of {o}",
-    "simple illustration with {o}",
-    "{o}!!",
-)
+_FRAMES: tuple[str, ...] = tuple(t for t in COMP_TEMPLATES if "{n}" not in t)
 _PAIR_JOINS = ("and", "next to", "with", "beside", "&")
 
 

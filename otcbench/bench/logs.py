@@ -44,6 +44,15 @@ def _records(path: Path) -> Iterator[dict[str, Any]]:
             yield rec
 
 
+def _run_records(df: pd.DataFrame, results_dir: str | Path) -> Iterator[tuple[pd.Series, dict[str, Any]]]:
+    """(summary row, log record) for every record of every run in ``df`` that has a log."""
+    for _, r in df.iterrows():
+        f = run_log(results_dir, r["run_id"])
+        if f.is_file():
+            for rec in _records(f):
+                yield r, rec
+
+
 def loss_curve(path: str | Path) -> pd.DataFrame:
     """Training loss of one run: columns ``step, loss`` from the ``step`` records of its log.jsonl."""
     recs = [(r["step"], r["loss"]) for r in _records(Path(path)) if r.get("type") == "step" and "loss" in r]
@@ -58,14 +67,10 @@ def detection_curves(df: pd.DataFrame, results_dir: str | Path) -> pd.DataFrame:
     ``caught`` is in [0, 1] and ``epoch`` the epoch of the data step.
     """
     rows = []
-    for _, r in df.iterrows():
-        f = run_log(results_dir, r["run_id"])
-        if not f.is_file():
-            continue
-        for rec in _records(f):
-            key = DETECTION_KEYS.get(str(rec.get("type")))
-            if key is not None and key in rec and "epoch" in rec:
-                rows.append((r["run_id"], r["attack"], r["defense"], r["seed"], int(rec["epoch"]), float(rec[key])))
+    for r, rec in _run_records(df, results_dir):
+        key = DETECTION_KEYS.get(str(rec.get("type")))
+        if key is not None and key in rec and "epoch" in rec:
+            rows.append((r["run_id"], r["attack"], r["defense"], r["seed"], int(rec["epoch"]), float(rec[key])))
     return pd.DataFrame(rows, columns=DETECTION_COLUMNS)
 
 
@@ -78,16 +83,12 @@ def match_curves(df: pd.DataFrame, results_dir: str | Path) -> pd.DataFrame:
     re-assigned. Matchings without a precision (nothing re-assigned, no ground truth) are left out.
     """
     rows = []
-    for _, r in df.iterrows():
-        f = run_log(results_dir, r["run_id"])
-        if not f.is_file():
+    for r, rec in _run_records(df, results_dir):
+        if rec.get("type") not in MATCH_RECORDS or "epoch" not in rec:
             continue
-        for rec in _records(f):
-            if rec.get("type") not in MATCH_RECORDS or "epoch" not in rec:
-                continue
-            for suffix, score in MATCH_SCORES.items():
-                p = rec.get(f"match_precision{suffix}")
-                if p is not None:
-                    rows.append((r["run_id"], r["attack"], r["defense"], r["seed"], int(rec["epoch"]), score,
-                                 float(p), int(rec.get(f"match_n{suffix}", 0) or 0)))
+        for suffix, score in MATCH_SCORES.items():
+            p = rec.get(f"match_precision{suffix}")
+            if p is not None:
+                rows.append((r["run_id"], r["attack"], r["defense"], r["seed"], int(rec["epoch"]), score,
+                             float(p), int(rec.get(f"match_n{suffix}", 0) or 0)))
     return pd.DataFrame(rows, columns=MATCH_COLUMNS)

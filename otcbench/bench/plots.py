@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -190,6 +191,17 @@ def plot_curves(df: pd.DataFrame, results_dir: Path, path: Path) -> bool:
     return True
 
 
+def _epoch_line(ax, g: pd.DataFrame, column: str, colour: Any, label: str, ls: str = "-",
+                band_alpha: float | None = None) -> None:
+    """One curve of a per-epoch share (in %): the mean over seeds, with the min–max band when several seeds
+    ran and ``band_alpha`` is given; the label counts the seeds."""
+    stats = g.groupby("epoch")[column].agg(["mean", "min", "max"])
+    seeds = g["seed"].nunique()
+    ax.plot(stats.index, 100 * stats["mean"], marker="o", ms=3, color=colour, ls=ls, label=f"{label} (n={seeds})")
+    if seeds > 1 and band_alpha is not None:
+        ax.fill_between(stats.index, 100 * stats["min"], 100 * stats["max"], color=colour, alpha=band_alpha, lw=0)
+
+
 def plot_detection(curves: pd.DataFrame, path: Path) -> bool:
     """Share of poisoned pairs kept out of training against epoch (``detection_curves``); False when empty."""
     if curves.empty:
@@ -200,13 +212,7 @@ def plot_detection(curves: pd.DataFrame, path: Path) -> bool:
     fig, axes = _grid(len(attacks), plt, height=3.4)
     for ax, attack in zip(axes, attacks, strict=True):
         for defense, g in curves[curves["attack"] == attack].groupby("defense", sort=False):
-            stats = g.groupby("epoch")["caught"].agg(["mean", "min", "max"])
-            seeds = g["seed"].nunique()
-            ax.plot(stats.index, 100 * stats["mean"], marker="o", ms=3, color=colours[defense],
-                    label=f"{defense} (n={seeds})")
-            if seeds > 1:
-                ax.fill_between(stats.index, 100 * stats["min"], 100 * stats["max"], color=colours[defense],
-                                alpha=0.2, lw=0)
+            _epoch_line(ax, g, "caught", colours[defense], str(defense), band_alpha=0.2)
         ax.set_ylim(-3, 103)
         _label_panel(ax, attack, "epoch", "poisoned pairs kept out (%)")
     _save_panels(fig, path, plt)
@@ -229,13 +235,8 @@ def plot_match_precision(curves: pd.DataFrame, path: Path) -> bool:
     for ax, attack in zip(axes, attacks, strict=True):
         sub = curves[curves["attack"] == attack]
         for (defense, score), g in sub.groupby(["defense", "score"], sort=False):
-            stats = g.groupby("epoch")["precision"].agg(["mean", "min", "max"])
-            seeds = g["seed"].nunique()
-            ax.plot(stats.index, 100 * stats["mean"], marker="o", ms=3, color=colours[defense],
-                    ls=_SCORE_STYLE.get(str(score), "-"), label=f"{defense}: {score} (n={seeds})")
-            if seeds > 1 and score == "used":
-                ax.fill_between(stats.index, 100 * stats["min"], 100 * stats["max"], color=colours[defense],
-                                alpha=0.15, lw=0)
+            _epoch_line(ax, g, "precision", colours[defense], f"{defense}: {score}",
+                        ls=_SCORE_STYLE.get(str(score), "-"), band_alpha=0.15 if score == "used" else None)
         ax.set_ylim(-3, 103)
         _label_panel(ax, attack, "epoch", "re-assigned captions that describe the image (%)")
     _save_panels(fig, path, plt)

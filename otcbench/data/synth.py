@@ -482,9 +482,14 @@ def make_caption(rng: np.random.Generator, scene: Scene, opts: WorldOptions) -> 
         if wrong and c == scene.objects[0].cls:
             cc = int((c + 1 + rng.integers(len(CLASSES) - 1)) % len(CLASSES))
         phrases.append(_object_phrase(rng, cc, groups[c], opts, opts.image_size))
-    objs = _join(rng, phrases)
-    tpl = _pick(rng, _SCENE_TEMPLATES)
-    text = tpl.format(
+    return _fill_template(rng, _SCENE_TEMPLATES, _join(rng, phrases), scene, opts)
+
+
+def _fill_template(rng: np.random.Generator, templates: Sequence[str], objs: str, scene: Scene,
+                   opts: WorldOptions) -> str:
+    """A caption from a random template around the object phrases ``objs``, with the worlds' web noise
+    (background phrase, file number, capitalisation, typos); both worlds draw from ``rng`` in this order."""
+    text = _pick(rng, templates).format(
         o=objs,
         O=objs[:1].upper() + objs[1:],
         b=_pick(rng, BACKGROUND_PHRASES[scene.background]),
@@ -571,7 +576,7 @@ def sample_compositional_scene(
 
 #: Templates of compositional captions: shorter than the shapes world's, so that four objects with their
 #: positions fit a 40-token context.
-_COMP_TEMPLATES: tuple[str, ...] = (
+COMP_TEMPLATES: tuple[str, ...] = (
     "{o}",
     "{o}",
     "{o}",
@@ -616,18 +621,7 @@ def make_compositional_caption(rng: np.random.Generator, scene: Scene, opts: Wor
         if with_pos:
             phrase += f" in the {grid_position(o, opts)}"
         phrases.append(phrase)
-    objs = _join(rng, phrases)
-    text = _pick(rng, _COMP_TEMPLATES).format(
-        o=objs,
-        O=objs[:1].upper() + objs[1:],
-        b=_pick(rng, BACKGROUND_PHRASES[scene.background]),
-        n=int(rng.integers(1000, 9999)),
-    )
-    if rng.random() < 0.1:
-        text = text.capitalize()
-    if rng.random() < opts.p_typo:
-        text = _typo(rng, text)
-    return text
+    return _fill_template(rng, COMP_TEMPLATES, _join(rng, phrases), scene, opts)
 
 
 # --------------------------------------------------------------------------------------------------
