@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from otcbench.eval.matching import caption_describes, match_statistics
+from otcbench.eval.matching import binding_overlap, caption_describes, match_statistics
 
 
 def data(content: list[str] | None = None) -> SimpleNamespace:
@@ -40,3 +40,29 @@ def test_rows_without_ground_truth_and_no_moves() -> None:
     assert s["match_precision"] is None and s["match_n"] == 2  # unknown truth: no precision, not zero
     s = match_statistics(d, torch.arange(3), {"ot": torch.full((3,), -1)})
     assert s["match_precision"] is None and s["match_n"] == 0 and "match_precision_ot" not in s
+
+
+def test_binding_overlap_grades_partial_and_swapped_matches() -> None:
+    d = data(["red circle|blue square", "blue circle|red square", "red circle|green star",
+              "red circle|blue square", "red circle"])  # row 3 is a poisoned caption row
+    bind, shape = binding_overlap(d, torch.tensor([0, 0, 0, 0, 0]), torch.tensor([1, 2, 4, 3, 0]))
+    # a binding swap shares no binding but both shapes; one shared binding of three; a subset; poison: 0
+    assert bind.tolist() == pytest.approx([0.0, 1 / 3, 1 / 2, 0.0, 1.0])
+    assert shape.tolist() == pytest.approx([1.0, 1 / 3, 1 / 2, 0.0, 1.0])
+    s = match_statistics(d, torch.tensor([1, 0, 4, 3, 4]), {"ot": torch.tensor([2, 0, 0, 3, 4])})
+    # moved: 0->1 (0), 1->0 (0), 2->4 (1/2); 3 and 4 keep their own captions
+    assert s["match_overlap"] == pytest.approx(1 / 6) and s["match_shape_overlap"] == pytest.approx(5 / 6)
+    # ot moved 0->2 (1/3), 1->0 (0), 2->0 (1/3)
+    assert s["match_overlap_ot"] == pytest.approx(2 / 9)
+    assert binding_overlap(data(), torch.tensor([0]), torch.tensor([1])) is None  # no content: no overlap
+
+
+def test_random_reference_is_a_fixed_derangement() -> None:
+    n = 50
+    d = SimpleNamespace(labels=torch.arange(n) % 5, poison=[""] * n, content=None)
+    s1 = match_statistics(d, torch.arange(n))
+    s2 = match_statistics(d, torch.arange(n))
+    assert s1["match_n_random"] == n  # every row takes another row's caption
+    assert s1["match_precision_random"] == s2["match_precision_random"]  # deterministic
+    assert 0.0 <= s1["match_precision_random"] <= 0.5  # near chance (1/5), far from the labels' 1.0
+    assert "match_overlap_random" not in s1  # no content

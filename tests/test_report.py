@@ -285,7 +285,8 @@ def test_report_tabulates_match_precision_and_keeps_it_without_logs(tmp_path: Pa
         {"type": "otcclip_match", "epoch": 1, "match_precision": 0.5, "match_n": 10, "match_precision_ot": 0.5,
          "match_n_ot": 10, "match_precision_global": 0.25, "match_n_global": 8}) + "\n")
     md = write_report(out, plots=False)
-    assert "match precision" in md and "| 2 | 50.0 | 50.0 | 25.0 | 10 |" in md  # epoch 1 is the 2nd epoch
+    assert "match precision" in md and "| 2 | 50.0 | 50.0 | 25.0 | – | 10 |" in md  # epoch 1 is the 2nd epoch
+    assert "binding overlap" not in md  # no content in these rows: no overlap table
     assert (out / MATCH_FILE).is_file()
     import shutil
 

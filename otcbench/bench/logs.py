@@ -14,6 +14,7 @@ A log line torn by an interruption is skipped, so a partial run still reads.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,9 @@ DETECTION_KEYS = {"otcclip_match": "poison_filtered", "safeclip": "risky_poison_
 DETECTION_COLUMNS = ["run_id", "attack", "defense", "seed", "epoch", "caught"]
 #: log record types of a matching, and the score names of their match precision keys ("" = the assignment used)
 MATCH_RECORDS = ("otcclip_match", "roclip_match")
-MATCH_SCORES = {"": "used", "_ot": "ot", "_global": "global"}
-MATCH_COLUMNS = ["run_id", "attack", "defense", "seed", "epoch", "score", "precision", "n"]
+MATCH_SCORES = {"": "used", "_ot": "ot", "_global": "global", "_random": "random"}
+MATCH_COLUMNS = ["run_id", "attack", "defense", "seed", "epoch", "score", "precision", "n", "overlap",
+                 "shape_overlap"]
 
 
 def run_log(results_dir: str | Path, run_id: str) -> Path:
@@ -74,13 +76,19 @@ def detection_curves(df: pd.DataFrame, results_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=DETECTION_COLUMNS)
 
 
+def _float(v: Any) -> float:
+    return math.nan if v is None else float(v)
+
+
 def match_curves(df: pd.DataFrame, results_dir: str | Path) -> pd.DataFrame:
     """Match precision of every matching of every run in ``df`` (a summary) that logs one.
 
     Columns ``MATCH_COLUMNS``: ``score`` is ``used`` (the assignment the run trained on), ``ot`` or ``global``
     (what that score alone picked at the same matching, before any cap); ``precision`` is the share of
     re-assigned images whose new caption describes them (:mod:`otcbench.eval.matching`), ``n`` how many were
-    re-assigned. Matchings without a precision (nothing re-assigned, no ground truth) are left out.
+    re-assigned, ``overlap`` / ``shape_overlap`` the mean binding / shape Jaccard of the re-assigned pairs (NaN
+    without content; ``random`` is a caption drawn at random, the chance level). Matchings without a precision
+    (nothing re-assigned, no ground truth) are left out.
     """
     rows = []
     for r, rec in _run_records(df, results_dir):
@@ -90,5 +98,7 @@ def match_curves(df: pd.DataFrame, results_dir: str | Path) -> pd.DataFrame:
             p = rec.get(f"match_precision{suffix}")
             if p is not None:
                 rows.append((r["run_id"], r["attack"], r["defense"], r["seed"], int(rec["epoch"]), score,
-                             float(p), int(rec.get(f"match_n{suffix}", 0) or 0)))
+                             float(p), int(rec.get(f"match_n{suffix}", 0) or 0),
+                             _float(rec.get(f"match_overlap{suffix}")),
+                             _float(rec.get(f"match_shape_overlap{suffix}"))))
     return pd.DataFrame(rows, columns=MATCH_COLUMNS)

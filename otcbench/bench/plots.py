@@ -220,12 +220,16 @@ def plot_detection(curves: pd.DataFrame, path: Path) -> bool:
 
 
 #: line style of each score in the match precision plot: what was trained on, and the two scores' own picks
-_SCORE_STYLE = {"used": "-", "ot": "--", "global": ":"}
+_SCORE_STYLE = {"used": "-", "ot": "--", "global": ":", "random": "-."}
 
 
-def plot_match_precision(curves: pd.DataFrame, path: Path) -> bool:
-    """Match precision against epoch (``match_curves``): per attack, each defense's assignment (solid) and the
-    choices of the OT score (dashed) and the global cosine (dotted) at the same matchings; False when empty."""
+def plot_match_precision(curves: pd.DataFrame, path: Path, value: str = "precision") -> bool:
+    """Match precision (or ``value="overlap"``: binding overlap) against epoch (``match_curves``): per attack,
+    each defense's assignment (solid), the choices of the OT score (dashed) and the global cosine (dotted) at
+    the same matchings and a random caption (dash-dot, the chance level); False when there is nothing to draw."""
+    if value not in curves or curves.empty:
+        return False
+    curves = curves[curves[value].notna()]
     if curves.empty:
         return False
     plt = _plt()
@@ -235,10 +239,11 @@ def plot_match_precision(curves: pd.DataFrame, path: Path) -> bool:
     for ax, attack in zip(axes, attacks, strict=True):
         sub = curves[curves["attack"] == attack]
         for (defense, score), g in sub.groupby(["defense", "score"], sort=False):
-            _epoch_line(ax, g, "precision", colours[defense], f"{defense}: {score}",
+            _epoch_line(ax, g, value, colours[defense], f"{defense}: {score}",
                         ls=_SCORE_STYLE.get(str(score), "-"), band_alpha=0.15 if score == "used" else None)
         ax.set_ylim(-3, 103)
-        _label_panel(ax, attack, "epoch", "re-assigned captions that describe the image (%)")
+        _label_panel(ax, attack, "epoch", "re-assigned captions that describe the image (%)" if value == "precision"
+                     else "binding overlap of image and caption (%)")
     _save_panels(fig, path, plt)
     return True
 
@@ -261,6 +266,9 @@ def write_plots(df: pd.DataFrame, results_dir: str | Path) -> list[Path]:
         written.append(out / "curves.png")
     if plot_detection(detection_curves(df, results_dir), out / "detection.png"):
         written.append(out / "detection.png")
-    if plot_match_precision(match_curves(df, results_dir), out / "match_precision.png"):
+    curves = match_curves(df, results_dir)
+    if plot_match_precision(curves, out / "match_precision.png"):
         written.append(out / "match_precision.png")
+    if plot_match_precision(curves, out / "match_overlap.png", value="overlap"):
+        written.append(out / "match_overlap.png")
     return written

@@ -517,23 +517,43 @@ def _match_curves(df: pd.DataFrame, out: Path) -> pd.DataFrame:
 
 def match_precision_table(curves: pd.DataFrame) -> str:
     """Markdown: match precision (%) per attack, defense and matching epoch, mean ± std over seeds, for the
-    assignment trained on and for the OT and global scores' own picks at the same matchings ("" when none)."""
+    assignment trained on, the OT and global scores' own picks at the same matchings and a random caption
+    ("–" when none); then, where the rows have content, the same for the binding and shape overlaps."""
     if curves.empty:
         return ""
+    curves = curves.copy()
+    for col in ("overlap", "shape_overlap"):  # a match_precision.csv from before the overlap columns
+        if col not in curves:
+            curves[col] = math.nan
+    scores = ("used", "ot", "global", "random")
+
+    def cell(g: pd.DataFrame, score: str, col: str) -> str:
+        v = g.loc[g["score"] == score, col].dropna()
+        std = float(v.std()) if len(v) > 1 else math.nan
+        return "–" if v.empty else _fmt(float(v.mean()), std, True, "±")
+
+    groups = list(curves.groupby(["attack", "defense", "epoch"], sort=False))
     lines = ["### match precision: re-assigned captions that describe the image (%)", "",
-             "| attack | defense | epoch | trained on | OT score's pick | global score's pick | re-assigned (mean n) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for (attack, defense, epoch), g in curves.groupby(["attack", "defense", "epoch"], sort=False):
-        cells = []
-        for score in ("used", "ot", "global"):
-            v = g.loc[g["score"] == score, "precision"]
-            std = float(v.std()) if len(v) > 1 else math.nan
-            cells.append("–" if v.empty else _fmt(float(v.mean()), std, True, "±"))
+             "| attack | defense | epoch | trained on | OT score's pick | global score's pick | random caption "
+             "| re-assigned (mean n) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for (attack, defense, epoch), g in groups:
         n = g.loc[g["score"] == "used", "n"]
-        cells.append("–" if n.empty else f"{n.mean():.0f}")
+        cells = [cell(g, sc, "precision") for sc in scores] + ["–" if n.empty else f"{n.mean():.0f}"]
         lines.append(f"| {attack} | {defense} | {int(epoch) + 1} | " + " | ".join(cells) + " |")
     lines += ["", "Epochs are 1-based; mean ± sample std over seeds. The OT and global picks are what each score "
-              "alone chose at the same matching, before any cap (docs/otcclip.md, match precision)."]
+              "alone chose at the same matching, before any cap; the random caption is the chance level "
+              "(docs/otcclip.md, match precision)."]
+    if curves["overlap"].notna().any():
+        lines += ["", "### binding overlap: Jaccard of the image's and the caption row's colour–shape bindings "
+                  "(shape overlap: shapes only) (%)", "",
+                  "| attack | defense | epoch | trained on | OT score's pick | global score's pick | random caption "
+                  "| shapes: trained on | shapes: OT | shapes: global | shapes: random |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for (attack, defense, epoch), g in groups:
+            if not g["overlap"].notna().any():
+                continue
+            cells = [cell(g, sc, col) for col in ("overlap", "shape_overlap") for sc in scores]
+            lines.append(f"| {attack} | {defense} | {int(epoch) + 1} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
