@@ -292,3 +292,23 @@ def test_report_tabulates_match_precision_and_keeps_it_without_logs(tmp_path: Pa
 
     shutil.rmtree(out / "runs")  # a committed results directory without its logs reports the same
     assert write_report(out, plots=False) == md
+
+
+def test_report_tabulates_binding_overlap_and_random_reference(tmp_path: Path) -> None:
+    from otcbench.bench.logs import match_curves
+    from otcbench.bench.report import write_report
+
+    out = summary(tmp_path)
+    (out / "runs" / "r0").mkdir(parents=True)
+    (out / "runs" / "r0" / "log.jsonl").write_text(json.dumps(
+        {"type": "otcclip_match", "epoch": 1, "match_precision": 0.0, "match_n": 10, "match_overlap": 0.5,
+         "match_shape_overlap": 0.75, "match_precision_ot": 0.1, "match_n_ot": 10, "match_overlap_ot": 0.4,
+         "match_shape_overlap_ot": 0.6, "match_precision_random": 0.0, "match_n_random": 12,
+         "match_overlap_random": 0.125, "match_shape_overlap_random": 0.25}) + "\n")
+    curves = match_curves(read_summary(out), out)
+    rnd = curves[curves["score"] == "random"].iloc[0]
+    assert (rnd.precision, rnd.n, rnd.overlap, rnd.shape_overlap) == (0.0, 12, 0.125, 0.25)
+    md = write_report(out, plots=True)
+    assert "| 2 | 0.0 | 10.0 | – | 0.0 | 10 |" in md
+    assert "binding overlap" in md and "| 2 | 50.0 | 40.0 | – | 12.5 | 75.0 | 60.0 | – | 25.0 |" in md
+    assert (out / "plots" / "match_overlap.png").is_file()
