@@ -19,6 +19,7 @@ from otcbench.data.synth import (
     Scene,
     SceneObject,
     WorldOptions,
+    compositional_templates,
     generate_labelled_scenes,
     generate_rows,
     grid_position,
@@ -199,6 +200,9 @@ def test_written_world_has_content_and_single_object_eval(comp_world: Path) -> N
                                             world_options(SynthConfig(**COMP)))
     assert all(len(s.objects) == 1 for s in scenes)
     assert set(ev.splits) == {"train", "val", "test", "targets"}
+    # zero-shot prompts in the world's caption style: every palette colour bound to the class name
+    assert ev.templates == list(compositional_templates(world_options(SynthConfig(**COMP))))
+    assert {t.format("circle") for t in ev.templates} >= {"the red circle", "a photo of the blue circle."}
 
 
 def test_content_loaded_into_train_data(comp_world: Path, tiny_world: Path) -> None:

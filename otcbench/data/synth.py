@@ -592,6 +592,16 @@ COMP_TEMPLATES: tuple[str, ...] = (
 )
 
 
+def compositional_templates(opts: WorldOptions) -> tuple[str, ...]:
+    """Zero-shot prompts of the compositional world, in its captions' style: a shape bound to each palette colour.
+
+    Every training caption binds a colour to each shape, so a prompt naming a bare shape ("a photo of a
+    circle.") is unlike any caption; the classifier averages one prompt per colour (open_clip's template mean).
+    """
+    colours = COMP_PALETTE[: opts.n_colours]
+    return tuple(t.format(c=c) for t in ("the {c} {{}}", "a photo of the {c} {{}}.") for c in colours)
+
+
 def make_compositional_caption(rng: np.random.Generator, scene: Scene, opts: WorldOptions) -> str:
     """A caption naming every object of ``scene`` with its colour bound to its shape, in a random order.
 
@@ -797,7 +807,7 @@ def write_world(
         "otcbench_version": __version__,
         "created_by": {"command": command, "options": cfg.model_dump(mode="json"), "seed": cfg.seed},
         "classnames": list(CLASSES),
-        "templates": list(TEMPLATES),
+        "templates": list(compositional_templates(opts) if comp else TEMPLATES),
         "synonyms": {
             **{k: list(v) for k, v in CLASS_SYNONYMS.items()},
             **{k: list(v) for k, v in COLOUR_SYNONYMS.items()},
