@@ -413,6 +413,9 @@ def defend_cmd(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
     no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    detector: Annotated[list[str] | None, typer.Option(
+        "--detector", help="Also score pairs with a detector on the model's embeddings (knn, dao; repeatable; "
+        "options: --set detector.knn.k=32).")] = None,
 ) -> None:
     """Run a defense's data-side step alone (caption re-matching / pair filtering) with a trained model;
     writes the re-paired dataset, per-pair scores and detection metrics. --set takes the defense's options,
@@ -420,19 +423,22 @@ def defend_cmd(
 
     Examples: otcbench defend data/p data/p-otc --defense otcclip --checkpoint runs/clip --set top_k=10;
     otcbench defend data/cc3m-p out --defense otcclip --checkpoint runs/rn50 --set train.data_mode=stream
-    --set train.num_workers=8
+    --set train.num_workers=8; otcbench defend data/p out --defense safeclip --checkpoint runs/clip
+    --detector knn --detector dao
     """
     from otcbench.config import apply_overrides
-    from otcbench.defenses.defend import data_options, report_table, run_defend
+    from otcbench.defenses.defend import data_options, detector_specs, report_table, run_defend
 
     _quiet_datasets()
     options = apply_overrides({}, set_)
     loading = data_options(options.pop("train", None))  # how images are read; the rest is the defense's
+    detectors = detector_specs(detector or [], options.pop("detector", None))
     if set(options) == {"defense"} and isinstance(options["defense"], dict):  # train-style keys work too
         options = options["defense"].get("options", {})
     report = run_defend(data, out, defense=defense, checkpoint=checkpoint, options=options, model_name=model,
                         batch_size=batch_size, device=device, loading=loading,
-                        show_progress=_progress_enabled(no_progress), command=" ".join(["otcbench", *sys.argv[1:]]))
+                        show_progress=_progress_enabled(no_progress), command=" ".join(["otcbench", *sys.argv[1:]]),
+                        detectors=detectors)
     if as_json:
         console.print_json(json.dumps(report))
         return
@@ -512,6 +518,18 @@ def list_defenses() -> None:
         return f"variant of {parent}" + (f": {compact(phrases, max_phrases=8)}" if phrases else "")
 
     console.print(_registry_table(DEFENSES, "defenses", note=variant_note))
+
+
+@list_app.command("detectors")
+@handle_errors
+def list_detectors() -> None:
+    """List poisoned-sample detectors and their options (`defend --detector NAME --set detector.NAME.KEY=V`).
+
+    Example: otcbench list detectors
+    """
+    from otcbench.defenses.detectors import DETECTORS
+
+    console.print(_registry_table(DETECTORS, "detectors"))
 
 
 @list_app.command("attacks")
@@ -619,6 +637,30 @@ def report_cmd(
         typer.echo((results / SUMMARY).read_text(), nl=False)
     else:
         typer.echo((results / "table.tex").read_text(), nl=False)
+
+
+@app.command("detect")
+@handle_errors
+def detect_cmd(
+    results: Annotated[Path, typer.Argument(help="Results directory of `otcbench run` (with its runs/ and data/).")],
+    detector: Annotated[list[str] | None, typer.Option(
+        "--detector", help="Embedding detectors to compare (default: knn and dao; repeatable).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
+    redo: Annotated[bool, typer.Option("--redo", help="Recompute defend outputs that already exist.")] = False,
+) -> None:
+    """The detector table: every undefended run's model scores its own training pairs with OTCCLIP's OT and
+    global scores, SafeCLIP's GMM and the embedding detectors (`defend`); AUROC and precision@poison-count per
+    score and attack in RESULTS/detectors.csv, detectors.md and plots/detectors.png.
+
+    Example: otcbench detect results/peers --detector knn --detector dao
+    """
+    from otcbench.bench.detector_table import DEFAULT_DETECTORS, run_detector_grid, write_detector_report
+    from otcbench.defenses.defend import detector_specs
+
+    _quiet_datasets()
+    specs = detector_specs(detector, None) if detector else list(DEFAULT_DETECTORS)
+    run_detector_grid(results, detectors=specs, device=device, redo=redo, log=console.print)
+    typer.echo(write_detector_report(results))
 
 
 @list_app.command("recipes")

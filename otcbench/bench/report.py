@@ -493,6 +493,9 @@ def write_report(out: str | Path, *, plan: Plan | None = None, plots: bool = Tru
         from otcbench.bench.plots import write_plots
 
         write_plots(df, out)
+    from otcbench.bench.detector_table import write_detector_report
+
+    write_detector_report(out, plots=plots)  # detectors.md from detectors.csv (`otcbench detect`), if any
     return md
 
 

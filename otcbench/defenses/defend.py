@@ -31,6 +31,7 @@ import contextlib
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -50,13 +51,15 @@ from otcbench.data.format import (
     staged_extras,
 )
 from otcbench.defenses.base import DEFENSES, DataStepResult, Defense
+from otcbench.defenses.detectors import DETECTORS, EmbeddingSet, run_detectors
+from otcbench.defenses.embed import embed_captions, embed_images
 from otcbench.errors import UserError
-from otcbench.eval.detection import detection_metrics
+from otcbench.eval.detection import detection_metrics, per_attack_detection, poison_mask, precision_at_count
 from otcbench.models import checkpoint_model_name, create_model, get_tokenizer, image_size
 from otcbench.train.data import DataMode, LoaderOptions, TrainData, load_for_model
 
 __all__ = ["PAIR_SCORES", "REPORT", "DataOptions", "StandaloneContext", "data_options", "data_step_defenses",
-           "report_table", "run_defend"]
+           "detector_specs", "report_table", "run_defend"]
 
 PAIR_SCORES = "pair_scores.parquet"
 REPORT = "defend.json"
@@ -116,6 +119,26 @@ def data_options(train: dict[str, Any] | None) -> DataOptions:
     return validate(_DefendSet, {"train": train}, where="defend").train
 
 
+def detector_specs(names: Sequence[str], options: dict[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
+    """``(name, options)`` of ``defend --detector NAME``, options from ``--set detector.NAME.KEY=VALUE``.
+
+    An unknown detector, options for a detector not asked for, or a bad option is a one-line error.
+    """
+    options = options or {}
+    if not isinstance(options, dict) or any(not isinstance(v, dict) for v in options.values()):
+        raise UserError("--set detector...: give detector options as --set detector.NAME.KEY=VALUE, e.g. "
+                        "--set detector.knn.k=32")
+    if len(set(names)) != len(names):
+        raise UserError(f"a detector is given twice ({', '.join(names)}); give each --detector once")
+    stray = sorted(set(options) - set(names))
+    if stray:
+        raise UserError(f"--set detector.{stray[0]}...: add --detector {stray[0]} to run it")
+    specs = [(n, dict(options.get(n, {}))) for n in names]
+    for n, o in specs:
+        DETECTORS.options(n, o)
+    return specs
+
+
 def data_step_defenses() -> list[str]:
     """Names of the registered defenses that implement a data-side step."""
     return [n for n in DEFENSES.names() if DEFENSES.get(n).data_step is not Defense.data_step]
@@ -141,6 +164,7 @@ def run_defend(
     loading: DataOptions | None = None,
     show_progress: bool = True,
     command: str = "otcbench defend",
+    detectors: Sequence[tuple[str, dict[str, Any]]] = (),
 ) -> dict[str, Any]:
     """Run ``defense``'s data-side step with the model of ``checkpoint`` on ``data``; write and return the report.
 
@@ -157,6 +181,9 @@ def run_defend(
             defaults when None): in memory, or streamed for datasets larger than memory.
         show_progress: rich progress bars (also off when ``OTCBENCH_NO_PROGRESS`` is set).
         command: recorded as the dataset's provenance.
+        detectors: ``(name, options)`` of poisoned-sample detectors (:mod:`otcbench.defenses.detectors`) run on
+            the same model's embeddings of the dataset's own pairs; their scores join the defense's own
+            (``score_<name>`` in ``pair_scores.parquet``, one AUROC each) after them.
 
     Returns:
         The report written to ``OUT/defend.json`` (plus ``"out"``).
@@ -175,6 +202,8 @@ def run_defend(
                         f"works with {', '.join(data_step_defenses()) or 'none registered'}")
     opts = DEFENSES.options(defense, options)
     d: Defense = cls(opts)
+    for det_name, det_values in detectors:  # bad detector options fail here, before the model runs
+        DETECTORS.options(det_name, det_values)
     ck = resolve_checkpoint(checkpoint)
     name = model_name or checkpoint_model_name(ck.file)
     if not name:
@@ -197,6 +226,14 @@ def run_defend(
                             show_progress=show_progress)
     try:
         result = d.data_step(ctx, None)
+        if detectors:
+            emb = EmbeddingSet(embed_images(ctx).cpu(), embed_captions(ctx, torch.arange(len(td))).cpu())
+            extra = run_detectors(detectors, emb)
+            clash = sorted(set(extra) & set(result.scores))
+            if clash:
+                raise UserError(f"detector {clash[0]!r} has the name of a score of {defense}; it cannot be shown "
+                                "beside it")
+            result.scores = {**result.scores, **extra}
     finally:
         td.close()  # streaming threads and workers
     _check_result(result, len(td), defense)
@@ -226,8 +263,13 @@ def run_defend(
     }
     if td.n_bad_images:
         report["bad_image_examples"] = td.bad_image_examples
+    if detectors:
+        report["detectors"] = [[n, DETECTORS.options(n, o).model_dump(mode="json")] for n, o in detectors]
     if any(poison):
         report.update(detection_metrics(flagged, result.scores or None, poison, caption_index=ci))
+        for name, s in result.scores.items():
+            report[f"detect_precision_at_n_{name}"] = precision_at_count(s, poison_mask(poison))
+        report["detect_by_attack"] = per_attack_detection(result.scores, poison)
 
     captions = td.captions
     new_captions = [captions[int(j)] for j in ci]
@@ -320,7 +362,11 @@ def report_table(report: dict[str, Any]) -> Any:
         table.add_row("clean repaired", _fmt(report["clean_repaired"]), "of clean pairs")
         for i, name in enumerate(report["scores"]):
             note = "the defense's own score" if i == 0 else "ablation, side by side"
+            if name in {d for d, _ in report.get("detectors", [])}:
+                note = "detector on the model's embeddings"
             table.add_row(f"AUROC ({name} score)", _fmt(report.get(f"detect_auroc_{name}")), note)
+            table.add_row(f"precision@poisons ({name})", _fmt(report.get(f"detect_precision_at_n_{name}")),
+                          "poisoned among the lowest-scored")
     else:
         table.add_row("detection", "-", "the dataset has no poisoned rows")
     return table

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["auroc", "detection_metrics", "poison_mask"]
+__all__ = ["auroc", "detection_metrics", "per_attack_detection", "poison_mask", "precision_at_count"]
 
 
 def poison_mask(poison: Sequence[str] | Sequence[bool] | torch.Tensor) -> torch.Tensor:
@@ -145,4 +145,51 @@ def detection_metrics(
             "clean_repaired_n": clean_rep,
         }
     )
+    return out
+
+
+def precision_at_count(scores: torch.Tensor, poisoned: torch.Tensor, count: int | None = None) -> float | None:
+    """Share of poisoned rows among the ``count`` lowest-scoring rows (default: as many as there are poisons).
+
+    Scores are "higher = more likely clean", so the ``count`` lowest are what a detector would remove. Rows
+    tied with the cut-off score count fractionally (the expected precision over every order of the tie), so
+    the value never depends on row order. None when there is no poisoned row or ``count`` is 0.
+    """
+    s = scores.detach().flatten().to(torch.float64).cpu()
+    p = poisoned.flatten().to(torch.bool).cpu()
+    if s.shape != p.shape:
+        raise ValueError(f"{s.numel()} scores but {p.numel()} labels")
+    n = int(p.sum()) if count is None else int(count)
+    if n <= 0 or not bool(p.any()):
+        return None
+    n = min(n, s.numel())
+    cut = torch.sort(s).values[n - 1]
+    below = s < cut
+    tied = s == cut
+    hits = float((below & p).sum()) + (n - int(below.sum())) * float((tied & p).sum()) / int(tied.sum())
+    return hits / n
+
+
+def per_attack_detection(scores: Mapping[str, torch.Tensor], poison: Sequence[str]) -> list[dict[str, Any]]:
+    """AUROC and precision@poison-count of every score, for every attack of a ``poison`` column and for all.
+
+    For attack ``a`` the rows are the clean rows and ``a``'s rows (other attacks' rows left out), so each
+    attack is judged against clean data alone; ``attack="all"`` uses every row. Returns one dict per (score,
+    attack): ``score``, ``attack``, ``n_poison``, ``n_clean``, ``auroc``, ``precision_at_n``.
+    """
+    labels = list(poison)
+    clean = torch.tensor([not p for p in labels], dtype=torch.bool)
+    attacks = sorted({p for p in labels if p})
+    groups = [(a, clean | torch.tensor([p == a for p in labels], dtype=torch.bool)) for a in attacks]
+    if len(attacks) > 1:
+        groups.append(("all", torch.ones(len(labels), dtype=torch.bool)))
+    out = []
+    for name, s in scores.items():
+        s = s.detach().flatten().cpu()
+        if s.numel() != len(labels):
+            raise ValueError(f"score {name!r} has {s.numel()} entries, expected {len(labels)}")
+        for attack, rows in groups:
+            sub, cl = s[rows], clean[rows]
+            out.append({"score": name, "attack": attack, "n_poison": int((~cl).sum()), "n_clean": int(cl.sum()),
+                        "auroc": auroc(sub, cl), "precision_at_n": precision_at_count(sub, ~cl)})
     return out
