@@ -266,8 +266,11 @@ def test_filter_leaves_out_the_lowest_own_pair_scores(use_world: Callable[[FakeW
     assert (s["filtered_n"], s["poison_filtered"], s["clean_filtered"]) == (2, 1.0, 0.0)
     assert s["poison_filtered_badnet"] == 1.0
     assert defense(top_k=3, filter_fraction=0).data_step(Ctx(data), None).keep is None  # the abstract's method
-    # rows 3 and 4 show the same images as rows 0 and 1: with filter_duplicates the copies go too
-    dup = defense(top_k=3, filter_fraction=0.34, filter_duplicates=True).data_step(Ctx(data), None)
+    # rows 3 and 4 show the same images as rows 0 and 1: with filter_duplicates the filter counts the 3 images
+    # and an image leaves with all its rows (0.34 of 3 images: one, the first of the two scoring 0)
+    one = defense(top_k=3, filter_fraction=0.34, filter_duplicates=True).data_step(Ctx(data), None)
+    assert one.keep is not None and one.keep.tolist() == [False, True, True, False, True, True]
+    dup = defense(top_k=3, filter_fraction=0.67, filter_duplicates=True).data_step(Ctx(data), None)
     assert dup.keep is not None and dup.keep.tolist() == [False, False, True, False, False, True]
     assert dup.flagged.tolist() == [True, True, False, True, True, False]
 

@@ -37,6 +37,7 @@ from otcbench.data.format import (
     save_pair_dataset,
     staged_extras,
 )
+from otcbench.data.image_ids import content_id
 from otcbench.errors import UserError
 
 TARGETS_DIR = "targets"
@@ -110,6 +111,10 @@ def poison_dataset(
     # Ground-truth composition (when the source has it): attacks change or add images whose composition
     # they do not describe, so their rows get "" (unknown); clean rows keep theirs.
     content = src.content
+    # Image ids (when the source stores them): an image an attack writes is an image of its own, named by its
+    # bytes — a triggered copy of a clean image leaves the clean image's other captions alone, and the copies
+    # of one targeted poison image share one id. Attacks choose rows (captions), not images: docs/data.md.
+    image_id = src.image_ids if src.has_image_id_column else None
     manifest_attacks = []
     target_imgs: list[bytes] = []
     target_true: list[int] = []
@@ -123,6 +128,8 @@ def poison_dataset(
             images[row], caps[row], poison[row], origin[row] = img, cap, a.name, row
             if content is not None:
                 content[row] = ""
+            if image_id is not None:
+                image_id[row] = content_id(img)
         start = len(images)
         images += r.images
         caps += r.captions
@@ -131,6 +138,8 @@ def poison_dataset(
         poison += [a.name] * len(r.images)
         if content is not None:
             content += [""] * len(r.images)
+        if image_id is not None:
+            image_id += [content_id(b) for b in r.images]
         rows = sorted(r.replace) + list(range(start, len(images)))
         entry = {"name": a.name, "kind": a.kind, "options": a.options.model_dump(mode="json"),
                  "rows": rows, "n_poisoned": len(rows), **r.manifest}
@@ -143,7 +152,7 @@ def poison_dataset(
                 target_attack.append(a.name)
         manifest_attacks.append(entry)
 
-    ds = build_pair_dataset(images, caps, labs, poison, origin, content)
+    ds = build_pair_dataset(images, caps, labs, poison, origin, content, image_id)
     meta = DatasetMeta(
         kind="pairs",
         otcbench_version=__version__,

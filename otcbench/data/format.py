@@ -2,7 +2,8 @@
 
 A *pair dataset* is a Hugging Face ``datasets.Dataset`` saved with ``save_to_disk`` plus ``otcbench.json``
 beside it, columns ``image`` (datasets.Image), ``caption``, ``label``, ``poison``, ``origin`` and optionally
-``content`` (the ground-truth composition of the image, see :data:`OPTIONAL_COLUMNS`).
+``content`` (the ground-truth composition of the image) and ``image_id`` (which rows show one image), see
+:data:`OPTIONAL_COLUMNS`. Reading images: :mod:`otcbench.data.images`; image ids: :mod:`otcbench.data.image_ids`.
 An *eval set* is a ``DatasetDict`` with splits ``train``/``val``/``test`` (linear-probe train, its
 validation split, held-out test) in the same layout, with class names and prompt templates.
 
@@ -13,22 +14,33 @@ interrupted write never leaves a half dataset under the final name and never tou
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Literal
 
 import datasets
 import numpy as np
-import torch
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from otcbench.data.image_ids import IMAGE_ID_COLUMN, dataset_image_ids
+
+# The image readers lived here before they got their own module; callers still import them from here.
+from otcbench.data.images import (  # noqa: F401
+    ImageBlobs,
+    decode_image,
+    image_bytes,
+    image_cells,
+    images_to_tensor,
+    png_bytes,
+    read_image_cell,
+    resize_centre_crop,
+    resolve_image_path,
+)
 from otcbench.errors import UserError
 
 META_FILE = "otcbench.json"
@@ -37,8 +49,9 @@ PAIR_COLUMNS = ("image", "caption", "label", "poison", "origin")
 EVAL_SPLITS = ("train", "val", "test", "targets")
 #: Optional columns: ``content`` is the ground-truth composition of a row's image ("blue square|red circle",
 #: "" unknown), written by the compositional synthetic world. Hashed into the fingerprint only when present,
-#: so datasets without it keep their fingerprints.
-OPTIONAL_COLUMNS = ("content",)
+#: so datasets without it keep their fingerprints. ``image_id`` names the image a row shows (several captions of
+#: one COCO image share it; a missing column is derived: :mod:`otcbench.data.image_ids`).
+OPTIONAL_COLUMNS = ("content", IMAGE_ID_COLUMN)
 
 PAIR_FEATURES = datasets.Features(
     {
@@ -115,20 +128,13 @@ def fingerprint_dataset(ds: datasets.Dataset) -> str:
                     b, p = (item or {}).get("bytes"), (item or {}).get("path")
                     h.update(b if b is not None else (p or "").encode())
                     h.update(b"\x00")
-            elif name in ("caption", "poison", "content"):
+            elif name in ("caption", "poison", "content", IMAGE_ID_COLUMN):
                 for s in col.to_pylist():
                     h.update(s.encode())
                     h.update(b"\x00")
             else:
                 h.update(np.asarray(col.to_pylist(), dtype=np.int64).tobytes())
     return h.hexdigest()[:32]
-
-
-def png_bytes(img: np.ndarray) -> bytes:
-    """Lossless PNG of a uint8 HxWx3 array (fast compression: speed over size for small images)."""
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
 
 
 def build_pair_dataset(
@@ -138,10 +144,11 @@ def build_pair_dataset(
     poison: list[str] | None = None,
     origin: list[int] | None = None,
     content: list[str] | None = None,
+    image_id: list[str] | None = None,
 ) -> datasets.Dataset:
     """A pair dataset from encoded image bytes (or file paths) and captions, with the standard columns.
 
-    ``content`` adds the optional ground-truth column of that name (omitted when None).
+    ``content`` and ``image_id`` add the optional columns of those names (omitted when None).
     """
     imgs = [{"bytes": x, "path": None} if isinstance(x, bytes) else {"bytes": None, "path": x} for x in images]
     n = len(captions)
@@ -154,13 +161,14 @@ def build_pair_dataset(
         "poison": poison if poison is not None else [""] * n,
         "origin": origin if origin is not None else [-1] * n,
     }
-    features = PAIR_FEATURES
-    if content is not None:
-        if len(content) != n:
-            raise ValueError(f"{len(content)} content strings but {n} captions")
-        columns["content"] = content
-        features = datasets.Features({**PAIR_FEATURES, "content": datasets.Value("string")})
-    return datasets.Dataset.from_dict(columns, features=features)
+    features = dict(PAIR_FEATURES)
+    for name, values in (("content", content), (IMAGE_ID_COLUMN, image_id)):
+        if values is not None:
+            if len(values) != n:
+                raise ValueError(f"{len(values)} {name} strings but {n} captions")
+            columns[name] = values
+            features[name] = datasets.Value("string")
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
 
 
 def _atomic_dir(out: Path, overwrite: bool) -> Path:
@@ -330,6 +338,16 @@ class PairDataset:
         """The ground-truth ``content`` column ("" = unknown), or None when the dataset has none."""
         return list(self.ds["content"]) if "content" in self.ds.column_names else None
 
+    @property
+    def image_ids(self) -> list[str]:
+        """Every row's image id: the ``image_id`` column, or derived from the stored images when it is absent."""
+        return dataset_image_ids(self.ds)
+
+    @property
+    def has_image_id_column(self) -> bool:
+        """Whether the dataset stores its image ids (derived ones are not written back)."""
+        return IMAGE_ID_COLUMN in self.ds.column_names
+
     def eval_set_path(self) -> Path | None:
         """The eval set written beside this dataset (synthetic world), if any."""
         if self.meta.eval_set:
@@ -405,113 +423,3 @@ def load_eval_set(path: str | Path) -> EvalSet:
     return EvalSet(p, splits, meta)
 
 
-def resolve_image_path(path: str, root: Path | None) -> Path:
-    """The file a stored image path names: inside ``root`` (the dataset directory), never outside it.
-
-    Stored paths are relative POSIX paths; an absolute path or a ``..`` component is refused, so a
-    crafted dataset cannot read files elsewhere. The check is on the stored string: links that otcbench
-    itself creates (``--link-images``, a poisoned set's ``source`` link) are followed. Without a root
-    (no dataset directory) the path is used as given.
-    """
-    if root is None:
-        return Path(path)
-    rel = PurePosixPath(path)
-    if rel.is_absolute() or ".." in rel.parts or not rel.parts or "\\" in path:
-        raise UserError(f"image path {path!r} points outside the dataset directory {root}; stored paths must be "
-                        "relative and stay inside it — re-import the dataset")
-    return root.joinpath(*rel.parts)
-
-
-def decode_image(item: Any, root: Path | None = None) -> np.ndarray:
-    """Decode one ``image`` cell (``{"bytes", "path"}`` or a PIL image) to uint8 HxWx3."""
-    if isinstance(item, Image.Image):
-        img = item
-    elif item.get("bytes") is not None:
-        img = Image.open(io.BytesIO(item["bytes"]))
-    else:
-        img = Image.open(resolve_image_path(item["path"], root))
-    return np.asarray(img.convert("RGB"))
-
-
-def resize_centre_crop(img: Image.Image, size: int) -> Image.Image:
-    """``img`` as ``size``×``size``: shorter side resized to ``size`` (bicubic), then centre-cropped.
-
-    CLIP's evaluation transform; the importers' ``--image-size`` and the streamed training images both use
-    it. A square image is a plain bicubic resize (the pixels ``images_to_tensor(size=...)`` gives).
-    """
-    if img.size == (size, size):
-        return img
-    scale = size / min(img.size)
-    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
-    img = img.resize((w, h), Image.BICUBIC)
-    left, top = (w - size) // 2, (h - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
-def read_image_cell(item: dict[str, Any], root: Path | None = None) -> bytes:
-    """The encoded bytes of one raw ``image`` cell: its stored bytes, or the file its path names."""
-    if item["bytes"] is not None:
-        return item["bytes"]
-    return resolve_image_path(item["path"], root).read_bytes()
-
-
-def image_bytes(ds: datasets.Dataset, root: Path | None = None) -> list[bytes]:
-    """The encoded bytes of every image of ``ds`` (stored bytes, or the file a relative path names)."""
-    raw = ds.cast_column("image", datasets.Image(decode=False))
-    return [read_image_cell(item, root) for item in raw["image"]]
-
-
-def image_cells(ds: datasets.Dataset) -> list[dict[str, Any]]:
-    """The raw ``{"bytes", "path"}`` cell of every row (no file is read)."""
-    return ds.with_format("arrow")["image"].to_pylist()
-
-
-class ImageBlobs(Sequence[bytes]):
-    """The encoded image of each row of a dataset, read only when indexed.
-
-    What attacks see of the source images: a path-based dataset of millions of rows is never read whole,
-    only the rows an attack picks.
-    """
-
-    def __init__(self, cells: list[dict[str, Any]], root: Path | None) -> None:
-        self.cells = cells
-        self.root = root
-
-    def __len__(self) -> int:
-        return len(self.cells)
-
-    def __getitem__(self, i: int) -> bytes:  # type: ignore[override]
-        if isinstance(i, slice):
-            raise TypeError("ImageBlobs supports integer indices only")
-        return read_image_cell(self.cells[i], self.root)
-
-    def __iter__(self) -> Iterator[bytes]:
-        for cell in self.cells:
-            yield read_image_cell(cell, self.root)
-
-
-def images_to_tensor(ds: datasets.Dataset, size: int | None = None, root: Path | None = None) -> torch.Tensor:
-    """Decode every image of ``ds`` into one uint8 tensor ``[N,3,H,W]`` (resized to ``size`` if given).
-
-    The in-memory path for small datasets (the synthetic world): decoding once makes epochs cheap.
-    """
-    raw = ds.cast_column("image", datasets.Image(decode=False))
-    arrays = []
-    for i, item in enumerate(raw["image"]):
-        try:
-            a = decode_image(item, root)
-        except UserError:
-            raise
-        except Exception as err:  # a missing or broken file: one line naming the row, not a traceback
-            what = item["path"] if item["bytes"] is None else "stored bytes"
-            raise UserError(f"image of row {i} ({what}) in {root or 'the dataset'} could not be read "
-                            f"({type(err).__name__}); re-import or recreate the dataset") from None
-        if size is not None and a.shape[:2] != (size, size):
-            a = np.asarray(Image.fromarray(a).resize((size, size), Image.BICUBIC))
-        arrays.append(a)
-    if not arrays:
-        return torch.empty(0, 3, size or 0, size or 0, dtype=torch.uint8)
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise UserError(f"images have different sizes {sorted(shapes)[:3]}; pass a size to resize them")
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()

@@ -279,7 +279,8 @@ def run_defend(
     images = [c["bytes"] if c["bytes"] is not None else f"{SOURCE_LINK}/{c['path']}" for c in image_cells(src.ds)]
     # content describes the image, which every row keeps: it travels unchanged (match precision downstream)
     ds = build_pair_dataset(images, new_captions, list(src.ds["label"]), list(poison),
-                            list(src.ds["origin"]), content=src.content)
+                            list(src.ds["origin"]), content=src.content,
+                            image_id=src.image_ids if src.has_image_id_column else None)
     meta = src.meta.model_copy(deep=True)
     meta.otcbench_version = __version__
     meta.created_by = {"command": command, "options": {"defense": defense, "defense_options": report["options"],

@@ -3,8 +3,10 @@
 A caption row j *describes* image row i when row j is clean (its caption was written for its own image, not by
 an attack) and the two rows show the same thing: the same ``content`` (the synthetic worlds' canonical
 composition, e.g. ``"blue square|red circle"``) where both rows have one, else the same ``label`` (the main
-object's class; for imported data the label column where it has one). Rows with label -1 and no content have
-no ground truth and are left out of the denominators.
+object's class; for imported data the label column where it has one). A clean caption of a row showing the
+same image (the same image id: another of a COCO image's five captions) describes it, whatever the labels.
+Rows with label -1, no content and no other row of their image have no ground truth and are left out of the
+denominators.
 
 Every statistic is over the *re-assigned* images only (caption row ≠ own row): a defense that keeps every
 own caption has no precision (None), not a perfect one.
@@ -49,8 +51,9 @@ def caption_describes(data: GroundTruth, images: torch.Tensor, captions: torch.T
                       *, by: str = "content") -> tuple[torch.Tensor, torch.Tensor]:
     """(describes [M] bool, known [M] bool) for the pairs (image row ``images[m]``, caption row ``captions[m]``).
 
-    ``by="content"`` compares contents where both rows have one and labels otherwise; ``by="label"`` compares
-    labels only (the "names the image's true class" share). ``known`` is False where neither is available.
+    ``by="content"`` compares contents where both rows have one and labels otherwise, and counts a clean caption
+    of the same image as describing it; ``by="label"`` compares labels only (the "names the image's true class"
+    share). ``known`` is False where neither is available.
     """
     images, captions = images.long().cpu(), captions.long().cpu()
     clean = torch.tensor([not p for p in data.poison], dtype=torch.bool)
@@ -64,6 +67,10 @@ def caption_describes(data: GroundTruth, images: torch.Tensor, captions: torch.T
         both = (ci >= 0) & (cc >= 0)
         same = torch.where(both, ci == cc, same)
         known = both | known
+    groups = data.image_groups() if by == "content" and hasattr(data, "image_groups") else None
+    if groups is not None:  # a clean caption of the same image describes it
+        one_image = (groups[images] == groups[captions]) & clean[captions]
+        same, known = same | one_image, known | one_image
     return same & clean[captions], known
 
 

@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 
 from otcbench.data.format import PairDataset, images_to_tensor, resolve_image_path
+from otcbench.data.image_ids import image_groups
 from otcbench.errors import UserError
 from otcbench.train.stream import ImageLoader, StreamImages
 
@@ -64,6 +65,9 @@ class TrainData:
     #: Ground-truth composition of each row's image ("" = unknown, e.g. rows added by an attack); None when
     #: the dataset has no ``content`` column. Kept after ``loader`` so positional construction still works.
     content: list[str] | None = None
+    #: The image each row shows (several captions of one image share an id: docs/data.md); None when the data
+    #: was built without ids (then pixel-identical images stand in for one image where a defense needs it).
+    image_ids: list[str] | None = None
     _train_loader: ImageLoader | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -83,6 +87,10 @@ class TrainData:
     def bad_image_examples(self) -> list[str]:
         """The first bad streamed images, ``"row N (path): Error"``."""
         return list(self.images.bad_examples) if isinstance(self.images, StreamImages) else []
+
+    def image_groups(self) -> torch.Tensor | None:
+        """[N] int64: rows showing the same image share a group (numbered by first row); None without ids."""
+        return None if self.image_ids is None else image_groups(self.image_ids)
 
     def image_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Raw uint8 images ``[B,3,H,W]`` (CPU) of ``rows``, read now in this process."""
@@ -212,4 +220,5 @@ def _load(data: PairDataset, tokenizer, image_size: int | None, mode: Literal["m
     captions = data.captions
     tokens = tokenizer(captions)
     labels = torch.tensor(data.ds["label"], dtype=torch.long)
-    return TrainData(images, tokens, labels, data.poison_flags, captions, loader, content=data.content)
+    return TrainData(images, tokens, labels, data.poison_flags, captions, loader, content=data.content,
+                     image_ids=data.image_ids)

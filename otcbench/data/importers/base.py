@@ -105,6 +105,15 @@ class Record:
     label_raw: str | int | None = None  # eval sets: class folder / CSV label before class names are resolved
     split: str | None = None
     crop: tuple[int, int, int, int] | None = None  # x, y, w, h in source pixels (Visual Genome regions)
+    #: The image's id in the source (``coco:139``); None: the pipeline derives it (:func:`record_image_id`).
+    image_id: str | None = None
+
+
+def record_image_id(rec: Record) -> str:
+    """The ``image_id`` a pair row is written with: the source's id, else the image's stored name (its path
+    under the source root, tar member, HF row), a crop tagged with its box (a crop is an image of its own)."""
+    base = rec.image_id if rec.image_id is not None else rec.image.name
+    return base if rec.crop is None else "{}#x{}y{}w{}h{}".format(base, *rec.crop)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """COCO captions: ``captions_train2017.json`` plus the image directory (``train2017/``).
 
-One pair per caption (COCO has about five per image), or one per image (``--per-image``: its caption
-with the lowest annotation id). Images are in ``images[].file_name`` under the image root; by default
+One pair per caption (COCO has about five per image; ``--captions-per-image K`` keeps the K lowest annotation
+ids), or one per image (``--per-image``: its caption with the lowest annotation id). Every row carries its
+image's id (``coco:<id>``). Images are in ``images[].file_name`` under the image root; by default
 the root is ``<split>/`` beside or above the JSON's directory (``annotations/../train2017``).
 """
 
@@ -19,7 +20,13 @@ from otcbench.errors import UserError
 
 class CocoOptions(PairImportOptions):
     image_root: str | None = Field(None, description="directory of the images (default: <split>/ near the JSON)")
-    per_image: bool = Field(False, description="one pair per image (first caption) instead of one per caption")
+    per_image: bool = Field(False, description="one pair per image (first caption) instead of one per caption; "
+                            "the same as captions_per_image=1")
+    captions_per_image: int | None = Field(
+        None, ge=1, description="at most this many captions per image, the lowest annotation ids first "
+        "(default: all, about five; every row carries the image's id, coco:<id>, so defenses that decide per "
+        "image see one image)",
+    )
 
 
 def load_json(path: Path, what: str) -> Any:
@@ -63,6 +70,9 @@ class CocoImporter(Importer):
         for im in doc["images"]:
             if not isinstance(im, dict) or "id" not in im or not im.get("file_name"):
                 raise UserError(f"{path}: an entry of 'images' lacks 'id' or 'file_name'")
+            if im["id"] in images:
+                raise UserError(f"{path}: image id {im['id']!r} is listed twice in 'images' ({images[im['id']]} and "
+                                f"{im['file_name']}); image ids must be unique — fix or regenerate the file")
             images[im["id"]] = str(im["file_name"])
         if not images or not doc["annotations"]:
             raise UserError(f"{path} lists no images or no captions; nothing to import")
@@ -89,14 +99,15 @@ class CocoImporter(Importer):
                 continue
             by_image.setdefault(ann["image_id"], []).append((ann.get("id", 0), caption))
         records = []
+        take = 1 if opts.per_image else opts.captions_per_image  # None: all of them
         for image_id in sorted(images, key=_sort_key):
             caps = sorted(by_image.get(image_id, []), key=lambda a: _sort_key(a[0]))
             if not caps:
                 self.skips.add("no_caption", f"image {image_id} ({images[image_id]})")
                 continue
             ref = file_ref(root / images[image_id], root)
-            for _, caption in caps[:1] if opts.per_image else caps:
-                records.append(Record(ref, caption))
+            for _, caption in caps[:take]:
+                records.append(Record(ref, caption, image_id=f"coco:{image_id}"))
         return Scan(records, len(records) + sum(self.skips.counts.values()), info={"image_root": str(root)})
 
 

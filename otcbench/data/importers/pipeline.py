@@ -40,6 +40,7 @@ from otcbench.data.format import (
     save_eval_set,
 )
 from otcbench.data.format import save_pair_dataset as _save_pairs
+from otcbench.data.image_ids import IMAGE_ID_COLUMN
 from otcbench.data.importers.base import (
     IMAGE_PROBLEMS,
     EvalImportOptions,
@@ -47,6 +48,7 @@ from otcbench.data.importers.base import (
     Importer,
     PairImportOptions,
     Record,
+    record_image_id,
 )
 from otcbench.data.importers.classes import assign_splits, load_classnames, load_templates, resolve_labels
 from otcbench.errors import UserError
@@ -242,13 +244,17 @@ class _Store:
         return name
 
 
-def _writer(path: Path) -> ArrowWriter:
-    return ArrowWriter(features=PAIR_FEATURES, path=str(path))
+#: Pair datasets are written with their image ids; eval sets without.
+PAIR_ID_FEATURES = datasets.Features({**PAIR_FEATURES, IMAGE_ID_COLUMN: datasets.Value("string")})
+
+
+def _writer(path: Path, features: datasets.Features) -> ArrowWriter:
+    return ArrowWriter(features=features, path=str(path))
 
 
 def _finish(writer: ArrowWriter | None, path: Path) -> datasets.Dataset:
     if writer is None:
-        return build_pair_dataset([], [])
+        return build_pair_dataset([], [], image_id=[])
     writer.finalize()
     writer.close()
     return datasets.Dataset.from_file(str(path))
@@ -437,12 +443,14 @@ def _process(
                         raise UserError(f"the images of {importer.src} differ in size ({a[0]}x{a[1]}, {b[0]}x{b[1]}: "
                                         f"{rec.image.key}); an eval set needs one size: pass --image-size PX")
                 split = rec.split or "pairs"
+                features = PAIR_ID_FEATURES if split == "pairs" else PAIR_FEATURES
                 if split not in writers:
-                    writers[split] = _writer(staging / f"{split}.arrow")
-                writers[split].write(PAIR_FEATURES.encode_example({
-                    "image": store.cell(rec, res), "caption": rec.caption, "label": rec.label,
-                    "poison": "", "origin": -1,
-                }))
+                    writers[split] = _writer(staging / f"{split}.arrow", features)
+                row = {"image": store.cell(rec, res), "caption": rec.caption, "label": rec.label,
+                       "poison": "", "origin": -1}
+                if split == "pairs":
+                    row[IMAGE_ID_COLUMN] = record_image_id(rec)
+                writers[split].write(features.encode_example(row))
                 rows += 1
             while len(cache) > 2 * CHUNK:
                 cache.popitem(last=False)

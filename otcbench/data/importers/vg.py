@@ -39,7 +39,8 @@ class VgOptions(PairImportOptions):
     regions: Literal["whole", "crop"] = Field("whole", description="pair each phrase with the whole image, or "
                                               "with the region cropped out of it")
     per_image: bool = Field(False, description="one pair per image (its first region) instead of one per region")
-    max_regions: int | None = Field(None, ge=1, description="at most this many regions per image (the first ones)")
+    max_regions: int | None = Field(None, ge=1, description="at most this many regions per image (the first ones; "
+                                    "default all, about 50: every row of an image carries its id, vg:<id>)")
     min_region_size: int = Field(16, ge=1, description="crop mode: skip regions narrower or shorter than this (px)")
 
 
@@ -96,7 +97,7 @@ class VgImporter(Importer):
                     if min(crop[2], crop[3]) < opts.min_region_size:
                         self.skips.add("small_region", f"region {reg.get('region_id')} of image {image_id}")
                         continue
-                records.append(Record(ref, phrase, crop=crop))
+                records.append(Record(ref, phrase, crop=crop, image_id=f"vg:{image_id}"))
                 taken += 1
         if not records and not self.skips.counts:
             raise UserError(f"{path} holds no regions; nothing to import")

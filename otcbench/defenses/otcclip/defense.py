@@ -72,7 +72,7 @@ class OTCCLIP(CaptionMatching, AlignmentLosses, TokenOT, Defense):
         self.matched_epoch = -1  # the last epoch whose matching is reflected in trainer.caption_index
         self._syn: Any = None
         self._store: FeatureStore | None = None  # training-forward features collected for the next matching
-        self._keys: torch.Tensor | None = None  # pixel hashes of the rows' images (exclude_duplicates)
+        self._keys: torch.Tensor | None = None  # image keys of the rows (image ids, else pixel hashes)
         self.keep: torch.Tensor | None = None  # rows trained on until the next matching (filter_fraction)
 
 

@@ -110,7 +110,7 @@ class PoolFeatures:
     def __init__(self, rows: torch.Tensor, globals_: torch.Tensor, tokens: torch.Tensor | None = None,
                  mask: torch.Tensor | None = None, n_rows: int = 0) -> None:
         self.rows, self.globals, self.tokens, self.mask = rows, globals_, tokens, mask
-        self.image_keys: torch.Tensor | None = None  # [N, 2] pixel hashes of every row's image (exclude_duplicates)
+        self.image_keys: torch.Tensor | None = None  # [N, k] image key of every row (exclude_duplicates)
         self.position = None
         if tokens is not None:
             # caption row -> index in the pool (-1 when a FIFO pool does not hold it)

@@ -87,22 +87,31 @@ class CaptionMatching:
     _keys: torch.Tensor | None
 
     def filter_rows(self, ctx: DataContext, score: torch.Tensor) -> torch.Tensor:
-        """Rows kept for training [N] bool: all but the ``filter_fraction`` lowest own-pair scores (ties: the
-        lower row is filtered first, so the split is deterministic), with ``filter_duplicates`` a filtered row's
-        pixel-identical copies filtered too."""
+        """Rows kept for training [N] bool.
+
+        Without ``filter_duplicates``: all but the ``filter_fraction`` lowest own-pair scores, row by row. With
+        it (the default) the filter decides per image: an image's score is its weakest row's, the
+        ``filter_fraction`` lowest-scoring *images* leave with all their rows — the five captions of a COCO
+        image, a targeted poison's pixel-identical copies. One image per row gives the row rule. Ties: the
+        image (row) that comes first is filtered first, so the split is deterministic."""
         n = score.numel()
-        k = int(self.options.filter_fraction * n)
-        keep = torch.ones(n, dtype=torch.bool)
-        if k == 0:
+        score = score.cpu().float()
+        if not self.options.filter_duplicates:
+            k = int(self.options.filter_fraction * n)
+            keep = torch.ones(n, dtype=torch.bool)
+            keep[torch.argsort(score, stable=True)[:k]] = False
             return keep
-        order = torch.argsort(score.cpu().float(), stable=True)
-        keep[order[:k]] = False
-        if self.options.filter_duplicates:
-            _, group = torch.unique(self._image_keys(ctx).cpu(), dim=0, return_inverse=True)
-            dropped = torch.zeros(int(group.max()) + 1, dtype=torch.bool)
-            dropped[group[~keep]] = True
-            keep = ~dropped[group]
-        return keep
+        group = self._image_groups(ctx)
+        n_img = int(group.max()) + 1 if n else 0
+        k = int(self.options.filter_fraction * n_img)
+        if k == 0:
+            return torch.ones(n, dtype=torch.bool)
+        worst = torch.full((n_img,), float("inf")).scatter_reduce(0, group, score, reduce="amin")
+        first = torch.full((n_img,), n, dtype=torch.long).scatter_reduce(0, group, torch.arange(n), reduce="amin")
+        by_first = torch.argsort(first)  # images in the order of their first row: the tie-break
+        dropped = torch.zeros(n_img, dtype=torch.bool)
+        dropped[by_first[torch.argsort(worst[by_first], stable=True)[:k]]] = True
+        return ~dropped[group]
 
     # ---- matching internals --------------------------------------------------------------------
 
@@ -193,14 +202,27 @@ class CaptionMatching:
         return (cand, torch.cat([g_own[:, None], pool.globals[top]], 1),
                 torch.cat([w_own[:, None], pool.tokens[top]], 1), torch.cat([m_own[:, None], pool.mask[top]], 1))
 
-    def _image_keys(self, ctx: DataContext) -> torch.Tensor:
-        """Two pixel hashes of every row's image [N, 2] (int64; equal for pixel-identical images), computed once.
+    def _image_groups(self, ctx: DataContext) -> torch.Tensor:
+        """[N] int64 image of every row: by the data's image ids, else by pixel identity."""
+        groups = ctx.data.image_groups()
+        if groups is not None:
+            return groups
+        _, inverse = torch.unique(self._image_keys(ctx).cpu(), dim=0, return_inverse=True)
+        return inverse
 
-        Exact integer arithmetic: 8-bit pixels times 31-bit weights summed over up to 2^24 values cannot
-        overflow, so equal pixels give equal keys; two independent keys make a collision of different
-        images a 2^-62 event per pair."""
+    def _image_keys(self, ctx: DataContext) -> torch.Tensor:
+        """Keys of every row's image [N, k] (int64; equal keys: one image), computed once.
+
+        With image ids (every loaded dataset: docs/data.md) the key is the image's group [N, 1]. Without them
+        (data built in memory) two pixel hashes [N, 2]: exact integer arithmetic — 8-bit pixels times 31-bit
+        weights summed over up to 2^24 values cannot overflow, so equal pixels give equal keys; two independent
+        keys make a collision of different images a 2^-62 event per pair."""
         n = len(ctx.data)
         if self._keys is None or self._keys.shape[0] != n:
+            groups = ctx.data.image_groups()
+            if groups is not None:
+                self._keys = groups[:, None]
+                return self._keys
             weights: torch.Tensor | None = None
             parts = []
             for chunk in torch.arange(n).split(max(1, self.options.match_chunk)):

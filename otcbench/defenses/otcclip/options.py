@@ -78,8 +78,9 @@ class OTCCLIPOptions(Options):
         "undo a poison the model has fitted. The matching re-scores every pair, so a filtered pair can come back"
     )
     filter_duplicates: bool = Field(
-        True, description="a filtered pair takes the rows with the pixel-identical image with it: a targeted "
-        "poison's copies share one fate, the weakest copy's score decides for all (false: each row on its own)"
+        True, description="the filter decides per image (image ids: docs/data.md): the filter_fraction lowest "
+        "images by their weakest row leave with all their rows -- a targeted poison's copies share one fate, a COCO "
+        "image's five captions count as one image (false: each row on its own, filter_fraction of the rows)"
     )
     match_chunk: int = Field(256, ge=1, description="images scored per chunk (memory: chunk·(top_k+1) OT problems)")
     match_features: Literal["train", "fresh"] = Field(
