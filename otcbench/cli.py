@@ -250,6 +250,30 @@ def data_import(
         console.print(table)
 
 
+@data_app.command("export")
+@handle_errors
+def data_export(
+    src: Annotated[Path, typer.Argument(help="Pair dataset to export (e.g. the synthetic world).")],
+    out: Annotated[Path, typer.Argument(help="New or empty output directory.")],
+    fmt: Annotated[str, typer.Option("--format", help="coco: JPEGs + captions JSON; pairs: a pair dataset.")] = "coco",
+    captions_per_image: Annotated[int | None, typer.Option(
+        "--captions-per-image", help="The world: captions per image (default 5); others: at most this many.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write a pair dataset as COCO captions files (re-import with `data import --format coco`) or as a pair
+    dataset with several captions per image; rows are grouped by image id (docs/data.md)."""
+    from otcbench.config import apply_overrides, validate
+    from otcbench.data.export import ExportOptions, export_dataset
+
+    _quiet_datasets()
+    given = {"format": fmt, "captions_per_image": captions_per_image}
+    options = validate(ExportOptions, apply_overrides({k: v for k, v in given.items() if v is not None}, set_),
+                       "data export")
+    res = export_dataset(src, out, options, command=" ".join(["otcbench", *sys.argv[1:]]))
+    console.print(f"exported {res.images} images with {res.captions} captions from {src} as {res.format} into "
+                  f"[bold]{res.out}[/]")
+
+
 # --------------------------------------------------------------------------------------------------
 # train / eval
 
