@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from otcbench.attacks.poison import TARGETS_DIR
-from otcbench.attacks.triggers import TriggerSpec, apply_trigger
+from otcbench.attacks.trigger_kinds import apply_manifest_trigger, manifest_trigger
 from otcbench.data.format import PairDataset, fingerprint_dataset, images_to_tensor, load_pair_dataset
 from otcbench.errors import UserError
 from otcbench.eval.linear_probe import LinearProbe
@@ -91,9 +91,9 @@ def attack_success(
             target = _class(classnames, a["target_class"], name)
             keep = test_labels != target
             imgs = test_images[keep]
-            spec = TriggerSpec.model_validate(a["trigger"])
+            spec = manifest_trigger(a["trigger"])  # any trigger kind, exactly as poisoning applied it
             rng = np.random.default_rng([int(manifest["seed"]), i, EVAL_STREAM])
-            trig = features(imgs, transform=lambda x, spec=spec, rng=rng: apply_trigger(spec, x, rng))
+            trig = features(imgs, transform=lambda x, spec=spec, rng=rng: apply_manifest_trigger(spec, x, rng))
             clean = test_features[keep] if test_features is not None else features(imgs)
             res = {
                 "kind": "backdoor",
