@@ -669,6 +669,9 @@ def detect_cmd(
     results: Annotated[Path, typer.Argument(help="Results directory of `otcbench run` (with its runs/ and data/).")],
     detector: Annotated[list[str] | None, typer.Option(
         "--detector", help="Embedding detectors to compare (default: knn and dao; repeatable).")] = None,
+    defense: Annotated[list[str] | None, typer.Option(
+        "--defense", help="Data-side steps whose scores are compared (default: otcclip and safeclip; repeatable; "
+        "safeclip alone also shows its own-pair cosine, the cheapest global score).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
     redo: Annotated[bool, typer.Option("--redo", help="Recompute defend outputs that already exist.")] = False,
 ) -> None:
@@ -678,12 +681,19 @@ def detect_cmd(
 
     Example: otcbench detect results/peers --detector knn --detector dao
     """
-    from otcbench.bench.detector_table import DEFAULT_DETECTORS, run_detector_grid, write_detector_report
+    from otcbench.bench.detector_table import (
+        DEFAULT_DETECTORS,
+        DEFAULT_STEPS,
+        run_detector_grid,
+        steps_for,
+        write_detector_report,
+    )
     from otcbench.defenses.defend import detector_specs
 
     _quiet_datasets()
     specs = detector_specs(detector, None) if detector else list(DEFAULT_DETECTORS)
-    run_detector_grid(results, detectors=specs, device=device, redo=redo, log=console.print)
+    steps = steps_for(defense) if defense else list(DEFAULT_STEPS)
+    run_detector_grid(results, steps=steps, detectors=specs, device=device, redo=redo, log=console.print)
     typer.echo(write_detector_report(results))
 
 

@@ -16,6 +16,7 @@ from otcbench.bench.detector_table import (
     DETECTOR_MD,
     detector_markdown,
     run_detector_grid,
+    steps_for,
     write_detector_report,
 )
 from otcbench.cli import app
@@ -43,12 +44,14 @@ def results_dir(tiny_world: Path, trained_run: Path, tmp_path_factory: pytest.Te
 
 
 def test_detector_grid_table_and_plot(results_dir: Path) -> None:
-    df = run_detector_grid(results_dir, steps=[("safeclip", ("p_clean",))], detectors=[("knn", {"k": 4})],
+    # safeclip alone: its GMM posterior and its own-pair cosine (the global score), beside the detector
+    assert steps_for(["safeclip"]) == [("safeclip", ("cosine", "p_clean"))]
+    df = run_detector_grid(results_dir, steps=steps_for(["safeclip"]), detectors=[("knn", {"k": 4})],
                            device="cpu", log=lambda *_: None)
     # the roclip run is skipped; one row per (attack incl. "all", score)
     assert set(df["run_id"]) == {"run0"}
     assert set(zip(df["attack"], df["score"], strict=True)) == {
-        (a, s) for a in ("badnet", "yellow", "all") for s in ("safeclip:p_clean", "knn")}
+        (a, s) for a in ("badnet", "yellow", "all") for s in ("safeclip:cosine", "safeclip:p_clean", "knn")}
     # the numbers are the defend output's scores judged on the clean rows plus that attack's rows
     scores = pd.read_parquet(results_dir / "detect" / "run0-safeclip" / PAIR_SCORES)
     rows = scores["poison"].isin(["", "badnet"])
@@ -67,6 +70,13 @@ def test_detector_grid_table_and_plot(results_dir: Path) -> None:
     run_detector_grid(results_dir, steps=[("safeclip", ("p_clean",))], detectors=[("knn", {"k": 4})],
                       device="cpu", log=lambda *_: None)
     assert (results_dir / "detect" / "run0-safeclip" / "defend.json").stat().st_mtime == mtime
+
+
+def test_steps_for() -> None:
+    assert steps_for(["otcclip", "roclip"]) == [("otcclip", ("ot", "global")), ("roclip", ("cosine",))]
+    assert steps_for(["otcclip+filter"]) == [("otcclip+filter", ())]  # unlisted: every score it has
+    with pytest.raises(UserError, match="twice"):
+        steps_for(["safeclip", "safeclip"])
 
 
 def test_detector_grid_without_runs_is_one_line(tmp_path: Path) -> None:

@@ -35,6 +35,9 @@ DETECTOR_MD = "detectors.md"
 DETECT_DIR = "detect"
 #: The data-side steps compared, and which of their scores the table shows.
 DEFAULT_STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (("otcclip", ("ot", "global")), ("safeclip", ("p_clean",)))
+#: The scores shown of a step named alone (``--defense``); a defense not listed shows all of its scores.
+SHOWN_ALONE: dict[str, tuple[str, ...]] = {"otcclip": ("ot", "global"), "safeclip": ("cosine", "p_clean"),
+                                           "roclip": ("cosine",)}
 DEFAULT_DETECTORS: tuple[tuple[str, dict[str, Any]], ...] = (("knn", {}), ("dao", {}))
 COLUMNS = ["run_id", "attack_group", "seed", "attack", "score", "n_poison", "n_clean", "auroc", "precision_at_n"]
 
@@ -53,6 +56,13 @@ def _undefended_runs(results_dir: Path) -> list[tuple[Path, dict[str, Any], Path
         if (data / "otcbench.json").is_file():
             out.append((run_dir, info, data))
     return out
+
+
+def steps_for(defenses: Sequence[str]) -> list[tuple[str, tuple[str, ...]]]:
+    """The data-side steps of ``detect --defense NAME …`` with the scores each shows (all for an unlisted one)."""
+    if len(set(defenses)) != len(defenses):
+        raise UserError(f"a defense is given twice ({', '.join(defenses)}); give each --defense once")
+    return [(d, SHOWN_ALONE.get(d, ())) for d in defenses]
 
 
 def _score_label(step: str, score: str, detectors: set[str]) -> str:
@@ -96,7 +106,7 @@ def run_detector_grid(
                 report = run_defend(data, out, defense=step, checkpoint=run_dir, batch_size=batch_size,
                                     device=device, show_progress=False, detectors=detectors if i == 0 else (),
                                     command=f"otcbench detect {results_dir}")
-            keep = set(shown) | (names if i == 0 else set())
+            keep = (set(shown) if shown else set(report.get("scores", []))) | (names if i == 0 else set())
             for r in report.get("detect_by_attack", []):
                 if r["score"] not in keep:
                     continue
