@@ -58,7 +58,7 @@ class OptimisedPatchOptions(BackdoorOptions):
 
 @ATTACKS.register("optimised-patch")
 class OptimisedPatchBackdoor(BackdoorAttack):
-    """Backdoor with a patch optimised against a surrogate CLIP to embed like the target's text (BadCLIP-like)."""
+    """Backdoor with a patch optimised against a surrogate CLIP to embed like the target (in the spirit of BadCLIP)."""
 
     Options = OptimisedPatchOptions
 
