@@ -63,7 +63,7 @@ def plan_of(tmp_path: Path, raw: dict[str, Any], out: str = "out", overrides: li
 def test_shipped_recipes_parse_and_their_registered_methods_validate() -> None:
     names = recipe_names()
     shipped = {"quickstart", "synthetic-full", "otcclip-ablations", "adaptive", "cc3m-rn50", "coco-rn50", "vg-rn50",
-               "finegrained"}
+               "finegrained", "coco-format", "coco-format-native"}
     assert shipped <= set(names)
     for name in names:
         recipe, path = load_recipe(name)
