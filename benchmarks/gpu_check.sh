@@ -24,7 +24,8 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 
 if [ "$DRY" = "1" ]; then
   DEVICE=cpu; AMP=none; PREC=fp32; MODELS=(otc-rn-nano otc-vit-tiny); BATCH=8; STEPS=2; EPOCHS=1; SIDE=32
-  ROWS=16; OT_ARGS=(--quick --device cpu --no-pot-batch); LIMIT=300; TR_MODEL=otc-rn-nano
+  ROWS=16; OT_ARGS=(--quick --device cpu --no-pot-batch); TR_MODEL=otc-rn-nano
+  L_TRAIN=600; L_OT=600; L_RATIO=600; L_DDP=600
 else
   if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     echo "gpu_check: no CUDA device (torch.cuda.is_available() is false): skipped" >&2
@@ -33,7 +34,8 @@ else
     exit 0
   fi
   DEVICE=cuda; AMP=bf16; PREC=amp_bf16; MODELS=(RN50 ViT-B-32); BATCH=256; STEPS=20; EPOCHS=2; SIDE=224
-  ROWS=5120; OT_ARGS=(--quick --device cuda); LIMIT=150; TR_MODEL=otc-rn-micro
+  ROWS=5120; OT_ARGS=(--quick --device cuda); TR_MODEL=otc-rn-micro
+  L_TRAIN=110; L_OT=60; L_RATIO=120; L_DDP=60   # 460 s at most, plus two world renderings: the 8-minute bound
 fi
 
 FAILED=0
@@ -52,25 +54,25 @@ info = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platfo
         "cuda_available": torch.cuda.is_available()}
 if torch.cuda.is_available():
     info.update(device=torch.cuda.get_device_name(0), bf16=torch.cuda.is_bf16_supported(),
-                nccl=".".join(map(str, torch.cuda.nccl.version())))
+                nccl=str(torch.cuda.nccl.version()))
 print(json.dumps(info))
 EOF
 
 for m in "${MODELS[@]}"; do
-  step "train-$m" "$LIMIT" "${OTC[@]}" bench train --model "$m" --defense none --defense otcclip --device "$DEVICE" \
+  step "train-$m" "$L_TRAIN" "${OTC[@]}" bench train --model "$m" --defense none --defense otcclip --device "$DEVICE" \
     --amp "$AMP" --batch-size "$BATCH" --steps "$STEPS" --epochs "$EPOCHS" --json
 done
-step bench-ot "$LIMIT" "${OTC[@]}" bench ot "${OT_ARGS[@]}" --json --no-progress
+step bench-ot "$L_OT" "${OTC[@]}" bench ot "${OT_ARGS[@]}" --json --no-progress
 
 # a world at the model's side for the open_clip ratio and the torchrun
 "${OTC[@]}" data synth "$WORK/world" --set n_train="$ROWS" --set image_size="$SIDE" --set probe_train_per_class=2 \
   --set probe_val_per_class=1 --set test_per_class=4 --set targets_per_class=1 > "$LOGS/world.log" 2>&1 || FAILED=1
-step openclip-ratio "$LIMIT" "$PY" "$HERE/openclip_trainer.py" "$WORK/world" --model "${MODELS[0]}" --batch "$BATCH" \
+step openclip-ratio "$L_RATIO" "$PY" "$HERE/openclip_trainer.py" "$WORK/world" --model "${MODELS[0]}" --batch "$BATCH" \
   --device "$DEVICE" --precision "$PREC" --workers 4 --json
 
 "${OTC[@]}" data synth "$WORK/small" --set n_train=$((BATCH * 4)) --set probe_train_per_class=2 \
   --set probe_val_per_class=1 --set test_per_class=2 --set targets_per_class=1 > "$LOGS/small.log" 2>&1 || FAILED=1
-step torchrun "$LIMIT" "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m otcbench.cli train \
+step torchrun "$L_DDP" "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m otcbench.cli train \
   "$WORK/small" "$WORK/run-ddp" --model "$TR_MODEL" --set train.epochs=1 --set train.batch_size="$BATCH" \
   --set train.device="$DEVICE" --no-progress
 
