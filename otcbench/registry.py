@@ -55,3 +55,23 @@ class Registry(Generic[T]):
         """Validate ``values`` against the options model of ``name``."""
         cls = self.get(name)
         return validate(cls.Options, values or {}, where=f"{self.kind} {name}")  # type: ignore[attr-defined]
+
+
+def option_rows(options: type[BaseModel]) -> list[tuple[str, Any, str]]:
+    """``(key, default, description)`` for every option of an options model, a nested model key by key
+    (``trigger.size``); the description is the field's, "" when it has none."""
+    rows: list[tuple[str, Any, str]] = []
+    for key, field in options.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):  # nested options (a trigger spec): listed key by key
+            # this default's own values (a default_factory may set some), not its class's defaults
+            rows.extend((f"{key}.{k}", _dotted(default, k), d) for k, _, d in option_rows(type(default)))
+        else:
+            rows.append((key, default, field.description or ""))
+    return rows
+
+
+def _dotted(obj: Any, key: str) -> Any:
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -154,6 +154,7 @@ def test_asr_counts_it(poisoned: Path) -> None:
     assert res["asr"][NAME]["target_still_correct"] == pytest.approx(2 / 6)
 
 
+@pytest.mark.slow
 def test_eval_asr_end_to_end(poisoned: Path, tmp_path: Path) -> None:
     from otcbench.config import EvalConfig, TrainConfig, TrainJob
     from otcbench.eval.run import evaluate

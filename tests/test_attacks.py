@@ -244,6 +244,7 @@ def test_backdoor_caption_sources(world: Path, tmp_path: Path, source: str) -> N
         assert set(caps) <= allowed[source]
 
 
+@pytest.mark.slow
 def test_eval_asr_end_to_end(mixed: Path, tmp_path: Path) -> None:
     """poison → train → eval --asr with a real (tiny, briefly trained) model: keys, denominators, ranges."""
     from otcbench.config import EvalConfig, TrainConfig, TrainJob

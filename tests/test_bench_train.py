@@ -9,6 +9,8 @@ import pytest
 from otcbench.bench.train_bench import run_train_bench
 from otcbench.errors import UserError
 
+pytestmark = pytest.mark.slow  # every test here trains (pytest -m "not slow": the quick loop)
+
 
 def test_bench_train_reports_steady_state_timings(tmp_path: Path):
     rows = run_train_bench(["none"], model="otc-rn-nano", batch_size=16, steps_per_epoch=4, epochs=2,

@@ -62,11 +62,13 @@ def test_world_config_follows_a_poisoned_copy_to_its_clean_source(tmp_path: Path
     assert world_config(DatasetMeta.model_validate_json((other / "otcbench.json").read_text()), other) is None
 
 
+@pytest.mark.slow
 def test_without_init_is_a_clear_error(make_job: Callable[..., TrainJob], tmp_path: Path) -> None:
     with pytest.raises(UserError, match="pass --init CKPT"):
         Trainer(with_defense(make_job(), "cleanclip", **FAST), tmp_path / "run", show_progress=False)
 
 
+@pytest.mark.slow
 def test_poisoned_clean_data_is_refused(
     make_job: Callable[..., TrainJob], trained_run: Path, tmp_path: Path, tiny_world: Path
 ) -> None:
@@ -97,6 +99,7 @@ def cleanclip_run(tmp_path_factory: pytest.TempPathFactory, cleanclip_job: Train
     shutil.rmtree(out, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_cleanclip_fine_tunes_on_fresh_clean_pairs(
     cleanclip_run: Path, cleanclip_job: TrainJob, trained_run: Path, tmp_path: Path
 ) -> None:
@@ -119,6 +122,7 @@ def test_cleanclip_fine_tunes_on_fresh_clean_pairs(
     assert 0 < max(diffs) < 0.01  # 4 AdamW steps of at most 1e-4 each
 
 
+@pytest.mark.slow
 def test_cleanclip_resumes_exactly(cleanclip_run: Path, cleanclip_job: TrainJob, tmp_path: Path) -> None:
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
@@ -143,6 +147,7 @@ def test_world_config_is_not_fooled_by_synth_in_a_poisoned_sets_path(tmp_path: P
     assert world_config(DatasetMeta.model_validate_json((poisoned / "otcbench.json").read_text()), poisoned) == cfg
 
 
+@pytest.mark.slow
 def test_optimizer_state_from_the_checkpoint(cleanclip_job: TrainJob, trained_run: Path, tmp_path: Path) -> None:
     """optimizer_state="checkpoint" (the official code's optimizer.load_state_dict): the fine-tuning starts with
     the pre-training run's AdamW moments and step counts; "fresh" (default) with none."""

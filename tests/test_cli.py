@@ -62,6 +62,7 @@ def sha256(path: Path) -> str:
 # end to end
 
 
+@pytest.mark.slow
 def test_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     world, run = tmp_path / "world", tmp_path / "run"
@@ -201,6 +202,7 @@ def test_train_missing_config_file(tiny_world: Path, tmp_path: Path) -> None:
     assert_no_run(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_train_init_from_another_architecture(tiny_world: Path, trained_run: Path, tmp_path: Path) -> None:
     ckpt = trained_run / "checkpoints" / "epoch_001.pt"  # otc-rn-nano, records its model name
     line = assert_one_line_error(
@@ -226,6 +228,7 @@ def test_train_unknown_defense(tiny_world: Path, tmp_path: Path) -> None:
     assert_no_run(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_train_refuses_existing_run_and_bad_resume(tiny_world: Path, trained_run: Path, tmp_path: Path) -> None:
     ck = trained_run / "checkpoints" / "last.pt"
     before = (sha256(ck), ck.stat().st_mtime_ns)
@@ -239,6 +242,7 @@ def test_train_refuses_existing_run_and_bad_resume(tiny_world: Path, trained_run
     assert list((tmp_path / "empty").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_eval_bad_inputs(tiny_world: Path, trained_run: Path, tmp_path: Path) -> None:
     assert_one_line_error(invoke("eval", tmp_path / "missing.pt", "--eval-data", tiny_world),
                           "missing.pt", "does not exist")
@@ -248,6 +252,7 @@ def test_eval_bad_inputs(tiny_world: Path, trained_run: Path, tmp_path: Path) ->
     assert res.exit_code == 2 and "eval-data" in res.output and "Traceback" not in res.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grid", ["[]", "[0]", "[-1]"])
 def test_eval_bad_probe_c_grid(trained_run: Path, tiny_world: Path, tmp_path: Path, grid: str) -> None:
     res = invoke("eval", trained_run, "--eval-data", tiny_world, "--out", tmp_path / "m.json",

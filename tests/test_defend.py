@@ -24,6 +24,8 @@ from otcbench.defenses.defend import PAIR_SCORES, REPORT, run_defend
 from otcbench.eval.asr import load_poisoned
 from otcbench.eval.detection import detection_metrics
 
+pytestmark = pytest.mark.slow  # every test here trains (pytest -m "not slow": the quick loop)
+
 runner = CliRunner()
 
 

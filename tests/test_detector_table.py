@@ -43,6 +43,7 @@ def results_dir(tiny_world: Path, trained_run: Path, tmp_path_factory: pytest.Te
     return out
 
 
+@pytest.mark.slow
 def test_detector_grid_table_and_plot(results_dir: Path) -> None:
     # safeclip alone: its GMM posterior and its own-pair cosine (the global score), beside the detector
     assert steps_for(["safeclip"]) == [("safeclip", ("cosine", "p_clean"))]

@@ -176,6 +176,7 @@ def test_detector_specs_errors() -> None:
         detector_specs(["knn", "knn"], None)
 
 
+@pytest.mark.slow
 def test_defend_adds_detector_scores_beside_the_defense(tiny_world: Path, trained_run: Path,
                                                          tmp_path: Path) -> None:
     from otcbench.attacks.poison import poison_dataset

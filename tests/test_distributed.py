@@ -13,6 +13,8 @@ import torch
 
 from otcbench.train import distributed
 
+pytestmark = pytest.mark.slow  # every test here trains (pytest -m "not slow": the quick loop)
+
 SETS = ["train.epochs=2", "train.batch_size=64", "train.threads=1", "train.log_every=1", "train.device=cpu"]
 
 

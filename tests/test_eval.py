@@ -159,7 +159,22 @@ def tiny_model() -> torch.nn.Module:
 def test_zeroshot_classifier_shape_and_normalisation(tiny_model: torch.nn.Module) -> None:
     tokenizer = get_tokenizer("otc-rn-nano")
     classnames, templates = list(CLASSES[:5]), list(TEMPLATES[:3])
-    clf = zeroshot_classifier(tiny_model, tokenizer, classnames, templates)
+    modes: list[bool] = []
+    encode_text = tiny_model.encode_text
+
+    def spy(*args, **kwargs):
+        modes.append(tiny_model.training)
+        return encode_text(*args, **kwargs)
+
+    tiny_model.train()
+    tiny_model.encode_text = spy  # type: ignore[method-assign]
+    try:
+        clf = zeroshot_classifier(tiny_model, tokenizer, classnames, templates)
+    finally:
+        del tiny_model.encode_text
+    assert modes and not any(modes)  # evaluated in eval mode
+    assert tiny_model.training  # and the model's own mode restored (otcbench.models.mode.eval_mode)
+    tiny_model.eval()
     assert clf.shape == (64, 5) and clf.dtype == torch.float32 and clf.device.type == "cpu"
     assert torch.allclose(clf.norm(dim=0), torch.ones(5), atol=1e-5)
     # = normalised mean of the normalised template embeddings of each class
@@ -167,7 +182,6 @@ def test_zeroshot_classifier_shape_and_normalisation(tiny_model: torch.nn.Module
         for j, name in enumerate(classnames):
             emb = tiny_model.encode_text(tokenizer([t.format(name) for t in templates]), normalize=True)
             assert torch.allclose(clf[:, j], F.normalize(emb.mean(0), dim=0), atol=1e-5)
-    assert not tiny_model.training  # evaluated in eval mode
     feats = F.normalize(torch.randn(7, 64), dim=1)
     logits = zeroshot_predict(feats, clf)
     assert logits.shape == (7, 5) and logits.abs().max() <= 1 + 1e-5  # cosine similarities
@@ -188,6 +202,7 @@ def test_image_features_normalised_and_batched(tiny_model: torch.nn.Module) -> N
 METRIC_KEYS = ("zeroshot_top1", "zeroshot_top5", "linear_probe_top1")
 
 
+@pytest.mark.slow
 def test_evaluate_run_dir_writes_metrics(trained_run: Path, tiny_world: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("epoch_*.pt", "metrics*.json"))
@@ -206,6 +221,7 @@ def test_evaluate_run_dir_writes_metrics(trained_run: Path, tiny_world: Path, tm
     shutil.rmtree(run)
 
 
+@pytest.mark.slow
 def test_evaluate_zeroshot_only(trained_run: Path, tiny_world: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.json"
     metrics = evaluate(trained_run, tiny_world, EvalConfig(device="cpu", linear_probe=False), out=out)
@@ -215,6 +231,7 @@ def test_evaluate_zeroshot_only(trained_run: Path, tiny_world: Path, tmp_path: P
     assert metrics["metrics_file"] == str(out)
 
 
+@pytest.mark.slow
 def test_evaluate_probe_only(trained_run: Path, tiny_world: Path, tmp_path: Path, trained_metrics: dict) -> None:
     out = tmp_path / "m.json"
     metrics = evaluate(trained_run, tiny_world, EvalConfig(device="cpu", zeroshot=False), out=out)
@@ -222,6 +239,7 @@ def test_evaluate_probe_only(trained_run: Path, tiny_world: Path, tmp_path: Path
     assert metrics["linear_probe_top1"] == trained_metrics["linear_probe_top1"]
 
 
+@pytest.mark.slow
 def test_evaluate_accepts_pt_files(trained_run: Path, tiny_world: Path, tmp_path: Path,
                                    trained_metrics: dict[str, Any]) -> None:
     # a file inside a run directory: the metrics go to the run directory
@@ -242,6 +260,7 @@ def test_evaluate_accepts_pt_files(trained_run: Path, tiny_world: Path, tmp_path
     shutil.rmtree(tmp_path)
 
 
+@pytest.mark.slow
 def test_evaluate_bad_inputs(trained_run: Path, tiny_world: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
         evaluate(tmp_path / "missing.pt", tiny_world)

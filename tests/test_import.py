@@ -679,6 +679,7 @@ def make_class_csv(root: Path, n: int = 48) -> Path:
     return root / "train.csv"
 
 
+@pytest.mark.slow
 def test_imported_pairs_train_and_imported_eval_set_evaluates(tmp_path: Path) -> None:
     from otcbench.eval.run import evaluate
     from otcbench.train.loop import Trainer

@@ -505,6 +505,7 @@ def _ot(x: torch.Tensor, gx: torch.Tensor, y: torch.Tensor, gy: torch.Tensor, ym
                           n_iters=50)
 
 
+@pytest.mark.slow
 def test_batch_loss_is_clip_plus_weighted_inter(vit_trainer: Trainer) -> None:
     tr = vit_trainer
     d: oc.OTCCLIP = tr.defense
@@ -523,6 +524,7 @@ def test_batch_loss_is_clip_plus_weighted_inter(vit_trainer: Trainer) -> None:
     assert tr.model.token_embedding.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_batch_loss_without_alignment_is_plain_clip(vit_trainer: Trainer) -> None:
     tr = vit_trainer
     batch = tr.make_batch(torch.arange(8))
@@ -530,6 +532,7 @@ def test_batch_loss_without_alignment_is_plain_clip(vit_trainer: Trainer) -> Non
     assert extras == {} and loss.item() == pytest.approx(tr.clip_batch_loss(batch).item(), abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("align", [False, True])
 def test_repaired_captions_do_not_train_the_text_tower(vit_trainer: Trainer, align: bool) -> None:
     tr = vit_trainer
@@ -558,6 +561,7 @@ def test_repaired_captions_do_not_train_the_text_tower(vit_trainer: Trainer, ali
     assert g is None or g.abs().sum() == 0
 
 
+@pytest.mark.slow
 def test_epoch_before_a_matching_keeps_the_training_features(vit_trainer: Trainer) -> None:
     tr = vit_trainer  # epoch 0; with warmup_epochs=1 the matching is at the start of epoch 1
     d = defense(inter_weight=0, intra_weight=0)
@@ -578,6 +582,7 @@ def test_epoch_before_a_matching_keeps_the_training_features(vit_trainer: Traine
     assert "store" not in defense(match_features="fresh").state_dict()
 
 
+@pytest.mark.slow
 def test_intra_loss_with_identity_views_is_ot_of_a_set_with_itself(
     vit_trainer: Trainer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -610,6 +615,7 @@ def test_intra_loss_with_identity_views_is_ot_of_a_set_with_itself(
         grads.append(tr.model.visual.conv1.weight.grad.clone())
     assert not torch.allclose(grads[0], grads[1])  # the second view's gradient is there only with grad
 
+@pytest.mark.slow
 def test_intra_loss_with_real_augmentations_is_seeded(vit_trainer: Trainer) -> None:
     tr = vit_trainer
     d = defense(inter_weight=0, intra_weight=1.0, intra_fraction=0.5, intra_views="two")
@@ -679,6 +685,7 @@ def _log(run: Path) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("options", [{"filter_fraction": 0.0}, {"filter_fraction": 0.25}],
                          ids=["match", "match+filter"])
+@pytest.mark.slow
 def test_training_matches_logs_and_resumes_exactly(
     poisoned_small: Path, make_job: Callable[..., TrainJob], tmp_path: Path, options: dict[str, Any]
 ) -> None:

@@ -101,6 +101,7 @@ def _image_grad_norm(model: torch.nn.Module) -> float:
                if n.startswith("visual") and p.grad is not None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reencode", [False, True])
 def test_text_tower_gets_no_gradient_in_matching_epochs(
     tmp_path: Path, make_job: Callable[..., TrainJob], reencode: bool
@@ -129,6 +130,7 @@ def test_text_tower_gets_no_gradient_in_matching_epochs(
     assert sorted(d.pool.rows[:64].tolist()) == list(range(96, 160))
 
 
+@pytest.mark.slow
 def test_eda_captions_are_computed_once_and_used(tmp_path: Path, make_job: Callable[..., TrainJob]) -> None:
     trainer = Trainer(with_defense(make_job(), "roclip", **SMALL), tmp_path / "run", show_progress=False)
     d = trainer.defense
@@ -159,6 +161,7 @@ def roclip_run(tmp_path_factory: pytest.TempPathFactory, make_job: Callable[...,
     shutil.rmtree(out, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_roclip_trains_end_to_end(roclip_run: Path, trained_run: Path) -> None:
     import json
 
@@ -178,6 +181,7 @@ def test_roclip_trains_end_to_end(roclip_run: Path, trained_run: Path) -> None:
     assert any(not torch.equal(v, base[k]) for k, v in state["model"].items())  # not plain CLIP
 
 
+@pytest.mark.slow
 def test_roclip_resumes_exactly(
     roclip_run: Path, tmp_path: Path, make_job: Callable[..., TrainJob]
 ) -> None:
@@ -195,6 +199,7 @@ def test_roclip_resumes_exactly(
 # the data-side step alone (otcbench defend)
 
 
+@pytest.mark.slow
 def test_data_step_matches_every_image_to_its_nearest_caption(
     trained_run: Path, tiny_world: Path, tmp_path: Path
 ) -> None:
@@ -220,6 +225,7 @@ def test_data_step_matches_every_image_to_its_nearest_caption(
     assert scores["flagged"].tolist() == res.flagged.tolist()
 
 
+@pytest.mark.slow
 def test_pool_update_always_fills_the_pool_in_plain_epochs(tmp_path: Path, make_job: Callable[..., TrainJob]) -> None:
     for update, filled in (("matching", 0), ("always", 64)):
         trainer = Trainer(with_defense(make_job(), "roclip", **SMALL, pool_update=update), tmp_path / update,
@@ -236,6 +242,7 @@ def test_pool_update_always_fills_the_pool_in_plain_epochs(tmp_path: Path, make_
 # hub statistics, the later matching rule, the augmentation-matched reference
 
 
+@pytest.mark.slow
 def test_match_log_counts_hub_captions_on_a_hand_built_pool(tmp_path: Path, make_job: Callable[..., TrainJob]) -> None:
     """Twelve images, a pool of four captions; nine images lie next to caption row 2 (a hub), three next to
     row 7: the epoch's match line has 2 distinct captions, a largest group of 9, and the class precision
@@ -290,6 +297,7 @@ def test_own_query_rule_matches_by_the_own_caption_and_image() -> None:
     assert extras["matching"] == 1.0 and extras["matched_own"] == 0.0
 
 
+@pytest.mark.slow
 def test_augmented_reference_is_roclip_without_its_matching(tmp_path: Path, make_job: Callable[..., TrainJob]) -> None:
     """none+aug trains bit for bit as roclip's plain epochs (same augmentation and EDA captions), and differs
     from plain CLIP."""

@@ -27,6 +27,8 @@ from otcbench.defenses.cleanclip import world_config
 from otcbench.errors import UserError
 from otcbench.train.loop import Trainer
 
+pytestmark = pytest.mark.slow  # every test here trains (pytest -m "not slow": the quick loop)
+
 SYNTH = dict(n_train=384, probe_train_per_class=6, probe_val_per_class=3, test_per_class=6, seed=0)
 TRAIN = {"epochs": 1, "batch_size": 64, "threads": 1, "device": "cpu", "log_every": 1}
 cli = CliRunner()

@@ -255,6 +255,7 @@ def safeclip_run(tmp_path_factory: pytest.TempPathFactory, safeclip_job: TrainJo
     shutil.rmtree(out, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_safeclip_trains_through_all_phases(safeclip_run: Path) -> None:
     log = [json.loads(x) for x in (safeclip_run / "log.jsonl").read_text().splitlines()]
     steps = [r for r in log if r["type"] == "step"]
@@ -273,6 +274,7 @@ def test_safeclip_trains_through_all_phases(safeclip_run: Path) -> None:
     assert set(state["banks"]) == {"image", "text"}
 
 
+@pytest.mark.slow
 def test_safeclip_resumes_exactly(safeclip_run: Path, safeclip_job: TrainJob, tmp_path: Path) -> None:
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
@@ -285,6 +287,7 @@ def test_safeclip_resumes_exactly(safeclip_run: Path, safeclip_job: TrainJob, tm
     assert [r["epoch"] for r in log if r["type"] == "safeclip"] == [2, 3]
 
 
+@pytest.mark.slow
 def test_empty_first_split_epoch_trains_nothing(
     small_world: Path, make_job: Callable[..., TrainJob], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -302,6 +305,7 @@ def test_empty_first_split_epoch_trains_nothing(
     assert [r["epoch"] for r in epochs] == [0, 1, 2] and epochs[-1]["step"] == epochs[-2]["step"] == 8
 
 
+@pytest.mark.slow
 def test_too_few_epochs_is_a_clear_error(safeclip_job: TrainJob, tmp_path: Path) -> None:
     d = safeclip_job.model_dump()
     d["train"]["epochs"] = 2
@@ -339,6 +343,7 @@ def test_unworkable_epochs_are_refused_before_any_work(tiny_world: Path, tmp_pat
     assert "defense safeclip: train.epochs=3 leaves no filtering epoch" in line and "to 4 or more" in line
 
 
+@pytest.mark.slow
 def test_defend_writes_the_split_and_its_scores(trained_run: Path, tiny_world: Path, tmp_path: Path) -> None:
     import pandas as pd
 
@@ -353,6 +358,7 @@ def test_defend_writes_the_split_and_its_scores(trained_run: Path, tiny_world: P
     assert scores["caption_row"].tolist() == list(range(384))  # SafeCLIP filters, it never re-pairs
 
 
+@pytest.mark.slow
 def test_augmented_scoring_is_seeded_per_epoch(make_job: Callable[..., TrainJob], tmp_path: Path) -> None:
     """score_views="augmented" (the official code's cosine on its first augmented view) is reproducible."""
     job = with_defense(make_job(epochs=3), "safeclip", **FAST, score_views="augmented")

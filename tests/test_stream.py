@@ -30,6 +30,8 @@ from otcbench.train.data import LoaderOptions, load_for_model, load_train_data
 from otcbench.train.loop import Trainer
 from otcbench.train.stream import StreamImages, fit_square
 
+pytestmark = pytest.mark.slow  # every test here trains (pytest -m "not slow": the quick loop)
+
 CLASSES = ["cat", "dog", "bird", "fish"]
 N = 48
 

@@ -33,6 +33,8 @@ from otcbench.models import create_model
 from otcbench.train.loop import Trainer
 from otcbench.train.schedule import cosine_lr, warmup_steps
 
+pytestmark = pytest.mark.slow  # every test here trains (pytest -m "not slow": the quick loop)
+
 STEPS_PER_EPOCH = 6  # 384 pairs / batch 64
 TOTAL_STEPS = 2 * STEPS_PER_EPOCH
 #: metrics.json entries that legitimately differ between two runs of the same model (paths, timing).

@@ -71,7 +71,7 @@ class OptimisedPatchBackdoor(BackdoorAttack):
             raise UserError(f"{self.name} optimises its patch against a surrogate CLIP: pass --set "
                             "surrogate=RUN_DIR (a run of `otcbench train`, e.g. a clean model of this world), or "
                             "trigger.patch from an earlier manifest; there is no unoptimised fallback")
-        from otcbench.eval.run import resolve_checkpoint
+        from otcbench.train.checkpoint import resolve_checkpoint
 
         resolve_checkpoint(opts.surrogate)  # a missing surrogate fails here, before any poisoning
 
@@ -90,10 +90,10 @@ class OptimisedPatchBackdoor(BackdoorAttack):
     def optimise(self, ctx: PoisonContext, target: int,
                  rng: np.random.Generator) -> tuple[OptimisedPatchTrigger, dict[str, Any]]:
         """The patch optimised against the surrogate, and what the surrogate sees (cosines before/after)."""
-        from otcbench.eval.run import resolve_checkpoint
+        from otcbench.device import resolve_device
         from otcbench.eval.zeroshot import zeroshot_classifier
         from otcbench.models import checkpoint_model_name, create_model, get_tokenizer, prepare_images
-        from otcbench.train.loop import resolve_device
+        from otcbench.train.checkpoint import resolve_checkpoint
 
         opts: OptimisedPatchOptions = self.options  # type: ignore[assignment]
         ck = resolve_checkpoint(opts.surrogate or "")

@@ -44,7 +44,7 @@ COLUMNS = ["run_id", "attack_group", "seed", "attack", "score", "n_poison", "n_c
 
 def _undefended_runs(results_dir: Path) -> list[tuple[Path, dict[str, Any], Path]]:
     """(run dir, run.json, poisoned dataset) of every finished ``none`` run on poisoned data, in run-id order."""
-    from otcbench.bench.runner import read_run_info, run_state
+    from otcbench.bench.layout import read_run_info, run_state
 
     out = []
     for run_dir in sorted((results_dir / "runs").glob("*")):

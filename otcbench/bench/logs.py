@@ -21,6 +21,8 @@ from typing import Any
 
 import pandas as pd
 
+from otcbench.bench.layout import run_dir
+
 #: log record type → the key holding the share of poisoned pairs kept out of the contrastive loss
 DETECTION_KEYS = {"otcclip_match": "poison_filtered", "safeclip": "risky_poison_recall"}
 DETECTION_COLUMNS = ["run_id", "attack", "defense", "seed", "epoch", "caught"]
@@ -33,7 +35,7 @@ MATCH_COLUMNS = ["run_id", "attack", "defense", "seed", "epoch", "score", "preci
 
 def run_log(results_dir: str | Path, run_id: str) -> Path:
     """Where a results directory keeps one run's log."""
-    return Path(results_dir) / "runs" / str(run_id) / "log.jsonl"
+    return run_dir(results_dir, run_id) / "log.jsonl"
 
 
 def _records(path: Path) -> Iterator[dict[str, Any]]:

@@ -241,39 +241,6 @@ def run_ot_bench(sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES, batches: Sequ
     return rows
 
 
-def _rate(v: float | None) -> str:
-    if v is None:
-        return "-"
-    for unit, scale in (("M", 1e6), ("k", 1e3)):
-        if v >= scale:
-            return f"{v / scale:.3g}{unit}"
-    return f"{v:.3g}"
-
-
-def _speedup(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3g}×"
-
-
-def render_table(rows: Sequence[dict[str, Any]]):
-    """A rich table of the rows (pairs/s, speedups, max |distance difference|)."""
-    from rich import box
-    from rich.table import Table
-
-    multi = len({r["device"] for r in rows}) > 1
-    devices = "/".join(sorted({r["device"] for r in rows}))
-    table = Table(title=f"bench ot ({devices}): pairs/s, higher is better", box=box.SIMPLE_HEAD, pad_edge=False)
-    cols = (("device",) if multi else ()) + ("n×m", "batch", "dim", "ours", "ours\ne2e", "POT\nbatch", "POT\nloop*",
-                                             "vs\nbatch", "vs\nloop", "max\n|Δd|")
-    for col in cols:
-        table.add_column(col, justify="left" if col in ("device", "n×m") else "right", no_wrap=True)
-    for r in rows:
-        table.add_row(*((r["device"],) if multi else ()), f"{r['n']}×{r['m']}", str(r["batch"]), str(r["dim"]),
-                      _rate(r["ours_pairs_per_s"]), _rate(r["ours_e2e_pairs_per_s"]),
-                      _rate(r["pot_batch_pairs_per_s"]), _rate(r["pot_loop_pairs_per_s"]),
-                      _speedup(r["speedup_vs_batch"]), _speedup(r["speedup_vs_loop"]), f"{r['max_abs_diff']:.0e}")
-    return table
-
-
 def _load_range(rows: Sequence[dict[str, Any]]) -> str:
     loads = [r["load_avg_1min"] for r in rows if r.get("load_avg_1min") is not None]
     return "n/a" if not loads else f"{min(loads):.1f}-{max(loads):.1f}"

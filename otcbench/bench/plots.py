@@ -15,7 +15,7 @@
   defense, mean over seeds with the min–max band (:func:`otcbench.bench.logs.detection_curves`).
 
 Every legend names a defense by the label the tables show: its variant label where the run's options differ
-from the defense's defaults (:func:`otcbench.bench.report.shown_labels`).
+from the defense's defaults (:func:`otcbench.bench.summary.shown_labels`).
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ def write_plots(df: pd.DataFrame, results_dir: str | Path) -> list[Path]:
 
     Defenses are named by their variant labels (``safeclip (no warm-up, …)``), as in the tables.
     """
-    from otcbench.bench.report import shown_labels
+    from otcbench.bench.summary import shown_labels
 
     df = shown_labels(df)
     out = Path(results_dir) / "plots"

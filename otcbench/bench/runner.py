@@ -1,4 +1,4 @@
-"""``otcbench run``: expand a recipe into a grid of runs, execute it with caching and resume, report.
+"""``otcbench run``, execution: the runs of a plan (:mod:`otcbench.bench.plan`), cached and resumable; the report.
 
 The grid is attacks × defenses × seeds. Stages are shared and cached by content:
 
@@ -23,341 +23,22 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from otcbench import __version__
-from otcbench.bench.recipe import ExpandedAttack, ExpandedDefense, Recipe, dump_recipe, expand_attacks, expand_defenses
-from otcbench.config import RESULT_NEUTRAL_TRAIN_KEYS, EvalConfig, ModelConfig, TrainConfig, TrainJob, validate
+from otcbench.bench.layout import ERROR_FILE, MARKER, RECIPE_COPY, SUMMARY, read_run_info, run_state, write_run_info
+from otcbench.bench.plan import Plan, RunSpec, plan_recipe, stable_hash
+from otcbench.bench.recipe import dump_recipe
 from otcbench.errors import UserError
-
-#: Train/eval options that do not change results: left out of run ids (as the trainer's resume check does).
-HASH_IGNORED_TRAIN = (*RESULT_NEUTRAL_TRAIN_KEYS, "save_every_epochs", "checkpoint_every_steps")
-HASH_IGNORED_EVAL = ("device", "batch_size")
-
-MARKER = "results.json"  # identifies a results directory and the recipe it belongs to
-RUN_FILE = "run.json"
-ERROR_FILE = "error.log"
-
-
-def stable_hash(obj: Any, n: int = 12) -> str:
-    """Hex digest of a JSON-serialisable object, independent of key order."""
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:n]
-
-
-@dataclass
-class DataStage:
-    """A dataset the grid needs: the clean source or one poisoned copy."""
-
-    key: str  # content hash (of how it is made)
-    path: Path
-    kind: str  # "world", "import" or "poison"
-    label: str = ""
-    seed: int = 0
-    attacks: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    synth: Any = None  # SynthConfig for the world
-
-    def exists(self) -> bool:
-        return (self.path / "otcbench.json").is_file()
-
-
-@dataclass
-class RunSpec:
-    """One cell of the grid (attack, defense, seed) with everything needed to run it."""
-
-    run_id: str
-    attack: ExpandedAttack
-    defense: ExpandedDefense
-    seed: int
-    job: TrainJob  # data and init filled in
-    train_data: DataStage
-    poison: DataStage | None  # the poisoned dataset that defines ASR (None for the clean reference)
-    eval: EvalConfig
-    parent: str | None  # run id whose final checkpoint this run starts from
-    resolved: dict[str, Any]  # what the id hashes
-    dir: Path
-
-    @property
-    def title(self) -> str:
-        return f"{self.attack.label} × {self.defense.label} (seed {self.seed})"
-
-
-@dataclass
-class Plan:
-    """A validated, expanded recipe bound to an output directory."""
-
-    recipe: Recipe
-    out: Path
-    source: DataStage
-    eval_data: Path
-    poisons: list[DataStage]
-    runs: list[RunSpec]
-
-    def state(self, run: RunSpec) -> str:
-        """``done``, ``partial`` (interrupted or failed: resumable) or ``new``."""
-        return run_state(run.dir)
-
-
-def run_state(run_dir: Path) -> str:
-    """Whether a run directory is ``done``, ``partial`` or ``new`` (see module docs)."""
-    if not run_dir.exists():
-        return "new"
-    info = read_run_info(run_dir)
-    if info.get("status") == "done" and (run_dir / "metrics.json").is_file():
-        return "done"
-    return "partial"
-
-
-def read_run_info(run_dir: Path) -> dict[str, Any]:
-    f = run_dir / RUN_FILE
-    if not f.is_file():
-        return {}
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError:
-        return {}  # torn by an interruption: the run is simply not done
-
-
-def write_run_info(run_dir: Path, info: dict[str, Any]) -> None:
-    from otcbench.train.checkpoint import write_json
-
-    write_json(run_dir / RUN_FILE, info)
-
-
-# --------------------------------------------------------------------------------------------------
-# planning: every check happens here, before any work
-
-
-def _check_out_dir(out: Path, recipe: Recipe) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; choose a directory for the results")
-    marker = out / MARKER
-    if marker.is_file():
-        try:
-            owner = json.loads(marker.read_text()).get("recipe")
-        except json.JSONDecodeError:
-            owner = None
-        if owner != recipe.name:
-            raise UserError(f"{out} holds the results of recipe {owner!r}, not {recipe.name!r}; "
-                            f"choose another --out (default results/{recipe.name}) or remove it")
-    elif out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
-        raise UserError(f"{out} exists and holds other files (no {MARKER}); choose an empty or new --out directory")
-
-
-def _dataset_stage(path: Path, recipe: Recipe, what: str) -> DataStage:
-    """An existing pair dataset used in place, keyed by its content fingerprint."""
-    from otcbench.data.format import read_meta
-
-    note = f" ({recipe.requires.note})" if recipe.requires.note else ""
-    if not path.exists():
-        raise UserError(f"recipe {recipe.name} needs the dataset {path} ({what}), which does not exist{note}")
-    meta = read_meta(path)
-    if meta.kind != "pairs":
-        raise UserError(f"{what} {path} is an eval set; point it at a training pair dataset")
-    key = stable_hash({"fingerprint": meta.fingerprint or str(path.resolve())})
-    return DataStage(key, path.resolve(), "import", label=str(path))
-
-
-def _source_stage(recipe: Recipe, out: Path) -> tuple[DataStage, Path]:
-    from otcbench.data.format import read_meta
-
-    spec = recipe.data
-    if spec.synth is not None:
-        key = stable_hash({"synth": spec.synth.model_dump(mode="json")})
-        # absolute: poisoned copies record their source's path, which later steps (cleanclip) follow
-        stage = DataStage(key, (out / "data" / f"world-{key}").resolve(), "world", label="world", synth=spec.synth)
-        return stage, stage.path
-    path = Path(spec.path or "")
-    stage = _dataset_stage(path, recipe, "data.path")
-    meta = read_meta(path)
-    note = f" ({recipe.requires.note})" if recipe.requires.note else ""
-    eval_path = Path(spec.eval) if spec.eval else path
-    if spec.eval and not eval_path.exists():
-        raise UserError(f"recipe {recipe.name} needs the eval set {eval_path}, which does not exist{note}")
-    if not spec.eval and not meta.eval_set:
-        raise UserError(f"{path} carries no eval set; set data.eval to an eval set directory "
-                        "(e.g. one written by `otcbench data import --format imagefolder`)")
-    read_meta(eval_path, what="eval set")
-    return stage, eval_path.resolve()
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _topo_order(defenses: list[ExpandedDefense]) -> list[ExpandedDefense]:
-    """Defenses ordered so that a defense comes after the one it starts from (stable otherwise)."""
-    labels = {d.label: d for d in defenses}
-    done: list[ExpandedDefense] = []
-    seen: set[str] = set()
-
-    def visit(d: ExpandedDefense, stack: tuple[str, ...]) -> None:
-        if d.label in seen:
-            return
-        if d.label in stack:
-            raise UserError(f"defenses: init_from forms a cycle ({' → '.join((*stack, d.label))}); "
-                            "a defense cannot start from itself")
-        parent = d.spec.init_from
-        if parent is not None:
-            visit(labels[parent], (*stack, d.label))
-        seen.add(d.label)
-        done.append(d)
-
-    for d in defenses:
-        visit(d, ())
-    return done
-
-
-def plan_recipe(recipe: Recipe, out: str | Path | None = None, *, resume: bool = False) -> Plan:
-    """Validate ``recipe`` against the registries and the filesystem and expand it into ordered runs.
-
-    Raises :class:`UserError` (one line) for unknown attacks/defenses or options, an empty grid,
-    missing data, a results directory of another recipe, or interrupted runs without ``resume``.
-    """
-    import torch
-
-    from otcbench.attacks import ATTACKS
-    from otcbench.defenses import DEFENSES
-    from otcbench.defenses.base import check_defense
-
-    out = Path(out) if out is not None else Path("results") / recipe.name
-    attacks = expand_attacks(recipe)
-    defenses = expand_defenses(recipe)
-    for what, labels in (("attacks", [a.label for a in attacks]), ("defenses", [d.label for d in defenses])):
-        dup = sorted({x for x in labels if labels.count(x) > 1})
-        if dup:
-            raise UserError(f"{what}: the label {dup[0]!r} is used twice; give the entries distinct labels")
-
-    # names and options, against the registries
-    resolved_attacks: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-    for a in attacks:
-        resolved_attacks[a.label] = [
-            (name, ATTACKS.options(name, opts).model_dump(mode="json")) for name, opts in a.attacks.items()
-        ]
-    dlabels = {d.label for d in defenses}
-    resolved_defense: dict[str, dict[str, Any]] = {}
-    for d in defenses:
-        resolved_defense[d.label] = DEFENSES.options(d.spec.name, d.options).model_dump(mode="json")
-        # options that cannot work together (SafeCLIP epochs leaving no filtering epoch): refused before any run
-        where = f"defense {d.label}"
-        d_train = validate(TrainConfig, _merge(recipe.train.model_dump(mode="json"), d.train), where=where)
-        check_defense(d.spec.name, d.options, d_train.epochs, where)
-        if d.spec.init_from is not None and d.spec.init_from not in dlabels:
-            raise UserError(f"defense {d.label}: init_from {d.spec.init_from!r} is not a defense label of this "
-                            f"recipe (labels: {', '.join(sorted(dlabels))})")
-        if d.spec.init_from is not None and d.spec.model.get("init"):
-            raise UserError(f"defense {d.label}: give init_from or model.init, not both")
-    for a in attacks:
-        for lab in a.spec.defenses or []:
-            if lab not in dlabels:
-                raise UserError(f"attack {a.label}: defenses lists {lab!r}, which is not a defense label "
-                                f"(labels: {', '.join(sorted(dlabels))})")
-    ordered = _topo_order(defenses)
-    extra_data: dict[str, DataStage] = {}
-    for d in defenses:
-        if d.spec.data not in ("poisoned", "clean") and d.spec.data not in extra_data:
-            extra_data[d.spec.data] = _dataset_stage(Path(d.spec.data), recipe, f"defense {d.label}: data")
-
-    n_cells = sum(len([d for d in defenses if a.spec.defenses is None or d.label in a.spec.defenses])
-                  for a in attacks) * len(recipe.seeds)
-    if n_cells == 0:
-        raise UserError(f"recipe {recipe.name} expands to no runs (attacks: {len(attacks)}, defenses: "
-                        f"{len(defenses)}, seeds: {len(recipe.seeds)}); list at least one of each")
-
-    _check_out_dir(out, recipe)
-    source, eval_data = _source_stage(recipe, out)
-    if recipe.requires.gpu and not torch.cuda.is_available():
-        note = f" ({recipe.requires.note})" if recipe.requires.note else ""
-        raise UserError(f"recipe {recipe.name} needs a GPU (requires.gpu: true) and CUDA is not available"
-                        f"{note}; run it on a GPU machine or pass --set requires.gpu=false to try anyway")
-
-    base_train = recipe.train.model_dump(mode="json")
-    base_model = recipe.model.model_dump(mode="json")
-    eval_cfg = recipe.eval
-    poisons: dict[str, DataStage] = {}
-    runs: list[RunSpec] = []
-    for seed in recipe.seeds:
-        for a in attacks:
-            poison = None
-            if not a.is_clean:
-                key = stable_hash({"source": source.key, "attacks": resolved_attacks[a.label], "seed": seed})
-                poison = poisons.setdefault(key, DataStage(
-                    key, (out / "data" / f"poison-{key}").resolve(), "poison", label=a.label, seed=seed,
-                    attacks=[(n, o) for n, o in a.attacks.items()],
-                ))
-            allowed = a.spec.defenses
-            by_label: dict[str, RunSpec] = {}
-            for d in ordered:
-                if allowed is not None and d.label not in allowed:
-                    continue
-                where = f"defense {d.label}"
-                train = validate(TrainConfig, {**_merge(base_train, d.train), "seed": seed}, where=where)
-                model = validate(ModelConfig, _merge(base_model, d.spec.model), where=where)
-                parent = None
-                if d.spec.init_from is not None:
-                    if d.spec.init_from not in by_label:
-                        raise UserError(f"attack {a.label}: defense {d.label} starts from {d.spec.init_from!r}, "
-                                        "which this attack does not run; add it to the attack's defenses")
-                    parent = by_label[d.spec.init_from]
-                if d.spec.data in extra_data:
-                    train_data = extra_data[d.spec.data]
-                else:
-                    train_data = source if (poison is None or d.spec.data == "clean") else poison
-                ev = eval_cfg.model_copy(update={"asr": poison is not None})
-                tr = train.model_dump(mode="json")
-                ev_d = ev.model_dump(mode="json")
-                resolved = {
-                    "train_data": train_data.key,
-                    "poison": poison.key if poison else None,
-                    "model": {**model.model_dump(mode="json"),
-                              "init": parent.run_id if parent else model.init},
-                    "train": {k: v for k, v in tr.items() if k not in HASH_IGNORED_TRAIN},
-                    "defense": {"name": d.spec.name, "options": resolved_defense[d.label]},
-                    "eval": {k: v for k, v in ev_d.items() if k not in HASH_IGNORED_EVAL},
-                }
-                run_id = stable_hash(resolved)
-                run_dir = out / "runs" / run_id
-                if parent is not None:
-                    model = model.model_copy(update={"init": str((parent.dir / "checkpoints" / "last.pt").resolve())})
-                elif model.init:
-                    if not Path(model.init).is_file():
-                        raise UserError(f"{where}: model.init {model.init} does not exist; pass a checkpoint file "
-                                        "(a run's checkpoints/last.pt)")
-                    model = model.model_copy(update={"init": str(Path(model.init).resolve())})
-                job = TrainJob(data=str(train_data.path.resolve()), model=model, train=train,
-                               defense={"name": d.spec.name, "options": d.options})
-                spec = RunSpec(run_id, a, d, seed, job, train_data, poison, ev,
-                               parent.run_id if parent else None, resolved, run_dir)
-                by_label[d.label] = spec
-                runs.append(spec)
-    ids = [r.run_id for r in runs]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
-    if dup:
-        same = [r.title for r in runs if r.run_id == dup[0]]
-        raise UserError(f"runs {same[0]} and {same[1]} have identical configurations; remove one of the entries")
-    plan = Plan(recipe, out, source, eval_data, list(poisons.values()), runs)
-    if not resume:
-        partial = [r for r in runs if plan.state(r) == "partial"]
-        if partial:
-            raise UserError(f"{out} holds {len(partial)} interrupted or failed run(s) of this recipe "
-                            f"(e.g. {partial[0].title} in {partial[0].dir}); pass --resume to continue them")
-    return plan
-
-
-# --------------------------------------------------------------------------------------------------
-# execution
+from otcbench.progress import progress_bar, progress_enabled
 
 
 @dataclass
@@ -384,18 +65,6 @@ class RunResult:
         return [o for o in self.outcomes if o.action == "failed"]
 
 
-@contextlib.contextmanager
-def _grid_progress(enabled: bool, console: Console) -> Iterator[Any]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"), disable=not enabled, console=console, transient=False,
-    )
-    with progress:
-        yield progress
-
-
 def _prepare_out(plan: Plan, recipe_file: Path | None) -> None:
     from otcbench.train.checkpoint import atomic_write_text, write_json
 
@@ -409,7 +78,7 @@ def _prepare_out(plan: Plan, recipe_file: Path | None) -> None:
         except json.JSONDecodeError:
             pass
     write_json(marker, info)
-    atomic_write_text(plan.out / "recipe.yaml", dump_recipe(plan.recipe))
+    atomic_write_text(plan.out / RECIPE_COPY, dump_recipe(plan.recipe))
 
 
 def _build_stages(plan: Plan, pending: list[RunSpec], progress: Any, log: Callable[[str], None]) -> None:
@@ -449,8 +118,10 @@ def _one_line(err: BaseException) -> str:
 def _execute_run(run: RunSpec, recipe_name: str, eval_data: Path, keep_checkpoints: str, show_progress: bool,
                  on_step: Callable[[Any], None] | None) -> tuple[str, float]:
     """Train (or resume) and evaluate one run; returns (action, seconds of this attempt)."""
+    from otcbench.defenses import build_defense
     from otcbench.eval.run import evaluate
-    from otcbench.train.loop import CHECKPOINT_DIR, LAST, Trainer
+    from otcbench.train.checkpoint import CHECKPOINT_DIR, LAST
+    from otcbench.train.loop import Trainer
 
     t0 = time.perf_counter()
     run.dir.mkdir(parents=True, exist_ok=True)
@@ -466,7 +137,8 @@ def _execute_run(run: RunSpec, recipe_name: str, eval_data: Path, keep_checkpoin
     write_run_info(run.dir, {**base, "status": "running", "seconds": info.get("seconds", 0.0),
                              "attempts": [*attempts, attempt]})
     (run.dir / ERROR_FILE).unlink(missing_ok=True)
-    trainer = Trainer(run.job, run.dir, resume=resume, show_progress=show_progress, on_step=on_step)
+    trainer = Trainer(run.job, run.dir, defense=build_defense(run.job.defense), resume=resume,
+                      show_progress=show_progress, on_step=on_step)
     attempt["start_step"] = trainer.global_step
     resumed = resume and trainer.global_step > 0
     trainer.fit()
@@ -587,7 +259,8 @@ def execute_plan(
             return Outcome(run, "failed", 0.0, str(err))
         return None
 
-    with _grid_progress(show_progress, console) as progress, _worker_pool(jobs if pending else 1) as pool:
+    bar = progress_bar(progress_enabled(show_progress), console=console, info=True, elapsed=True)
+    with bar as progress, _worker_pool(jobs if pending else 1) as pool:
         _build_stages(plan, pending, progress, log)
         grid = progress.add_task(plan.recipe.name, total=len(plan.runs), info="",
                                  completed=len(plan.runs) - len(pending))
@@ -619,7 +292,7 @@ def execute_plan(
         progress.update(grid, info="report")
         table = write_report(plan.out, plan=plan, plots=plots)
     ordered = [outcomes[r.run_id] for r in plan.runs]
-    return RunResult(plan, ordered, plan.out / "summary.csv", table)
+    return RunResult(plan, ordered, plan.out / SUMMARY, table)
 
 
 def _start_priority(run: RunSpec, runs: list[RunSpec]) -> tuple[bool, float]:
@@ -685,3 +358,8 @@ def _execute_parallel(plan: Plan, pending: list[RunSpec], jobs: int, pool: Any, 
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
         raise
+
+
+# planning and the layout, re-exported from their historical import path
+__all__ = ["Outcome", "Plan", "RunResult", "RunSpec", "execute_plan", "plan_recipe", "read_run_info", "run_state",
+           "stable_hash"]

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from otcbench.config import SynthConfig, TrainJob, validate
-from otcbench.defenses import DEFENSES
+from otcbench.defenses import DEFENSES, build_defense
 from otcbench.errors import UserError
 
 #: ``train.*`` keys the benchmark sets from its own arguments (flag name for the error message).
@@ -116,8 +116,8 @@ def bench_defense(
         step_times.append(now - last[0])
         last[0] = now
 
-    trainer = Trainer(job, out, show_progress=False, on_step=on_step)
-    hook = trainer.defense.on_epoch_start
+    built = build_defense(job.defense)
+    hook = built.on_epoch_start
 
     def timed_epoch_start(tr: Trainer, epoch: int) -> None:
         _sync(tr.device)
@@ -131,7 +131,8 @@ def bench_defense(
         last[0] = time.perf_counter()
 
     epoch_start = [time.perf_counter()]
-    trainer.defense.on_epoch_start = timed_epoch_start  # type: ignore[method-assign]
+    built.on_epoch_start = timed_epoch_start  # type: ignore[method-assign]
+    trainer = Trainer(job, out, defense=built, show_progress=False, on_step=on_step)
     trainer.fit()  # closes its streaming workers itself
     _sync(trainer.device)
     epoch_times.append(time.perf_counter() - epoch_start[0])

@@ -20,7 +20,6 @@ from typing import Any
 
 import datasets
 import numpy as np
-from rich.table import Table
 
 from otcbench.data.format import (
     EVAL_SPLITS,
@@ -32,6 +31,7 @@ from otcbench.data.format import (
     read_meta,
 )
 from otcbench.errors import UserError
+from otcbench.render import stats_table as render_stats_table  # its historical import path
 
 #: Grid layout: columns of the sample grid and the size of one cell in inches.
 GRID_COLUMNS = 8
@@ -302,70 +302,4 @@ def _manifest_summary(manifest: dict[str, Any] | None) -> dict[str, Any] | None:
     return out
 
 
-def _fmt_counts(counts: dict[str, int], limit: int = 12) -> str:
-    items = list(counts.items())
-    txt = ", ".join(f"{k} {v}" for k, v in items[:limit])
-    return txt + (f", … (+{len(items) - limit})" if len(items) > limit else "")
-
-
-def render_stats_table(stats: dict) -> Table:
-    """The stats of :func:`show_dataset` as a two-column rich table for the CLI."""
-    title = f"{stats.get('name', '')} ({stats.get('kind', '')})"
-    t = Table(title=title, show_header=False, title_style="bold")
-    t.add_column("stat", style="cyan", no_wrap=True)
-    t.add_column("value", overflow="fold")
-    t.add_row("path", str(stats.get("path", "")))
-    rows = f"{stats.get('rows', 0)}"
-    if stats.get("splits"):
-        rows += "  (" + ", ".join(f"{k} {v}" for k, v in stats["splits"].items()) + ")"
-    t.add_row("rows", rows)
-    if stats.get("poisoned"):
-        t.add_row("poisoned", f"[red]{stats['poisoned']}[/red]  ({_fmt_counts(stats['poison_by_attack'])})")
-    else:
-        t.add_row("poisoned", "0")
-    if stats.get("poison_manifest"):
-        t.add_row("poison manifest", ", ".join(f"{k}={v}" for k, v in stats["poison_manifest"].items()))
-    if stats.get("labels"):
-        lab = _fmt_counts(stats["labels"])
-        if stats.get("unlabelled"):
-            lab += f"; unlabelled {stats['unlabelled']}"
-        t.add_row("labels", lab)
-    else:
-        t.add_row("labels", "none")
-    t.add_row("classes / templates", f"{stats.get('classnames', 0)} / {stats.get('templates', 0)}")
-    w, c = stats.get("caption_words", {}), stats.get("caption_chars", {})
-    cap = (f"words mean {w.get('mean', 0)} (min {w.get('min', 0)}, max {w.get('max', 0)}); "
-           f"chars mean {c.get('mean', 0)} (min {c.get('min', 0)}, max {c.get('max', 0)})")
-    if stats.get("empty_captions"):
-        cap += f"; {stats['empty_captions']} empty"
-    t.add_row("caption length", cap)
-    size = stats.get("image_size") or ", ".join(stats.get("image_sizes_sampled", {})) or "-"
-    if stats.get("image_storage"):
-        size += f"  (stored as {stats['image_storage']})"
-    if stats.get("unreadable_sampled"):
-        size += f"  [red]{stats['unreadable_sampled']} unreadable[/red]"
-    t.add_row("image size", size)
-    fp = stats.get("fingerprint") or "-"
-    ok = stats.get("fingerprint_ok")
-    if ok is True:
-        fp += "  [green]ok[/green]"
-    elif ok is False:
-        fp += f"  [red]MISMATCH (data is {stats.get('fingerprint_actual')}: modified after writing)[/red]"
-    t.add_row("fingerprint", fp)
-    made = stats.get("created_by") or {}
-    if made:
-        parts = [str(made.get("command", "?"))]
-        if "seed" in made:
-            parts.append(f"seed {made['seed']}")
-        opts = made.get("options")
-        if isinstance(opts, dict) and opts:
-            parts.append(", ".join(f"{k}={v}" for k, v in opts.items()))
-        t.add_row("created by", "; ".join(parts))
-    else:
-        t.add_row("created by", "unknown")
-    if stats.get("eval_set"):
-        t.add_row("eval set", str(stats["eval_set"]))
-    if stats.get("png"):
-        t.add_row("samples", f"{len(stats.get('samples', []))} "
-                  f"({stats.get('samples_poisoned', 0)} poisoned) → {stats['png']}")
-    return t
+__all__ = ["render_stats_table", "show_dataset"]

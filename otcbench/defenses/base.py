@@ -1,40 +1,25 @@
-"""The defense interface: small classes with hooks into the one trainer (otcbench.train.loop)."""
+"""The defense interface: small classes with hooks into the one trainer, seen through :mod:`.protocol`."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from otcbench.config import Options
+from otcbench.defenses.protocol import DataContext, TrainerContext
 from otcbench.registry import Registry
 
 if TYPE_CHECKING:
+    from otcbench.config import DefenseConfig
+    from otcbench.train.batch import Batch
     from otcbench.train.data import TrainData
-    from otcbench.train.loop import Batch, Trainer
 
 DEFENSES: Registry[Defense] = Registry("defense")
 
-
-class DataContext(Protocol):
-    """What a data-side step needs: a model and the decoded dataset.
-
-    The :class:`~otcbench.train.loop.Trainer` satisfies it during training; ``otcbench defend`` builds
-    a standalone one from a checkpoint. Data-side code must only use these attributes.
-    """
-
-    model: torch.nn.Module
-    data: TrainData
-    device: torch.device
-    caption_index: torch.Tensor  # (N,) caption row currently paired with each image row
-
-    def autocast(self) -> AbstractContextManager: ...
-
-    @property
-    def embed_batch_size(self) -> int: ...
+__all__ = ["DEFENSES", "DataContext", "DataStepResult", "Defense", "build_defense", "check_defense"]
 
 
 @dataclass
@@ -102,13 +87,13 @@ class Defense:
         or None. Called before any work starts (``otcbench train``, recipe planning): :func:`check_defense`."""
         return None
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: TrainerContext) -> None:
         """Called once before the first step."""
 
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+    def on_epoch_start(self, trainer: TrainerContext, epoch: int) -> None:
         """Called at the start of every epoch (0-based), before :meth:`epoch_indices`."""
 
-    def train_data(self, trainer: Trainer, data: TrainData) -> TrainData:
+    def train_data(self, trainer: TrainerContext, data: TrainData) -> TrainData:
         """The data to train on, called once while the trainer is built (default: the given dataset).
 
         A fine-tuning defense that trains on other data than ``DATA`` (CleanCLIP's clean set) returns it
@@ -116,18 +101,18 @@ class Defense:
         """
         return data
 
-    def learning_rate(self, trainer: Trainer, lr: float) -> float:
+    def learning_rate(self, trainer: TrainerContext, lr: float) -> float:
         """The learning rate of the coming optimiser step, given the trainer's schedule value (default: it)."""
         return lr
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+    def on_epoch_end(self, trainer: TrainerContext, epoch: int) -> None:
         """Called after the last step of every epoch (0-based), before the epoch's log record."""
 
-    def epoch_indices(self, trainer: Trainer, epoch: int, order: torch.Tensor) -> torch.Tensor:
+    def epoch_indices(self, trainer: TrainerContext, epoch: int, order: torch.Tensor) -> torch.Tensor:
         """Rows to train on this epoch, in the order given (default: all of ``order``)."""
         return order
 
-    def batch_loss(self, trainer: Trainer, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def batch_loss(self, trainer: TrainerContext, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one batch (default: the CLIP loss on the batch's image–caption pairs)."""
         return trainer.clip_batch_loss(batch), {}
 
@@ -158,3 +143,8 @@ def check_defense(name: str, options: dict[str, Any] | Options, epochs: int, whe
     problem = DEFENSES.get(name).check(opts, epochs)
     if problem:
         raise UserError(f"{where}: {problem}")
+
+
+def build_defense(spec: DefenseConfig) -> Defense:
+    """The defense a run's ``defense`` section names, with its validated options (what callers pass to the trainer)."""
+    return DEFENSES.get(spec.name)(DEFENSES.options(spec.name, spec.options))

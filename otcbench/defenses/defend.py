@@ -188,8 +188,8 @@ def run_defend(
     Returns:
         The report written to ``OUT/defend.json`` (plus ``"out"``).
     """
+    from otcbench.device import autocast_dtype, resolve_device
     from otcbench.eval.run import resolve_checkpoint
-    from otcbench.train.loop import autocast_dtype, resolve_device
 
     t0 = time.perf_counter()
     out = Path(out)

@@ -12,6 +12,7 @@ import torch
 
 from otcbench.defenses.base import DataContext
 from otcbench.models import prepare_images
+from otcbench.models.mode import eval_mode
 from otcbench.train import distributed
 
 
@@ -50,18 +51,15 @@ def _embed(ctx: DataContext, rows: torch.Tensor | None,
     """
     rows = torch.arange(len(ctx.data)) if rows is None else rows
     lo, hi = distributed.shard(len(rows))
-    model = ctx.model
-    was_training = model.training
-    model.eval()
     out = []
-    features = encode(list(rows[lo:hi].split(ctx.embed_batch_size)))
-    while True:
-        with ctx.autocast():  # the forward runs inside the generator, at next()
-            f = next(features, None)
-        if f is None:
-            break
-        out.append(f.float())
-    model.train(was_training)
+    with eval_mode(ctx.model):
+        features = encode(list(rows[lo:hi].split(ctx.embed_batch_size)))
+        while True:
+            with ctx.autocast():  # the forward runs inside the generator, at next()
+                f = next(features, None)
+            if f is None:
+                break
+            out.append(f.float())
     return distributed.all_gather_rows(_cat(out, ctx))
 
 

@@ -47,6 +47,7 @@ from otcbench.defenses.unimodal import (
 )
 from otcbench.errors import UserError
 from otcbench.models import prepare_images
+from otcbench.models.mode import eval_mode
 from otcbench.train.schedule import cosine_lr, warmup_steps
 
 # --------------------------------------------------------------------------------------------------
@@ -256,27 +257,22 @@ class SafeCLIP(Defense):
         # the official code's cosine: the first augmented image view with the first EDA caption
         gen = torch.Generator().manual_seed(self._seed * 1_000_003 + 7 * ((epoch or 0) + 1))
         model = ctx.model
-        was_training = model.training
-        model.eval()
         feats = []
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             for chunk in torch.arange(len(ctx.data)).split(ctx.embed_batch_size):
                 raw = ctx.data.image_rows(chunk).to(ctx.device)
                 with ctx.autocast():
                     f = model.encode_image(prepare_images(model, augment_images(raw, gen, self.options.image_aug)),
                                            normalize=True)
                 feats.append(f.float())
-        model.train(was_training)
         img = torch.cat(feats)
         if self.views:
             tokens = self.views[0][ctx.caption_index.cpu()]
             txt = []
-            model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(model):
                 for chunk in tokens.split(ctx.embed_batch_size):
                     with ctx.autocast():
                         txt.append(model.encode_text(chunk.to(ctx.device), normalize=True).float())
-            model.train(was_training)
             return (img * torch.cat(txt)).sum(-1)
         return (img * embed_captions(ctx, ctx.caption_index)).sum(-1)
 

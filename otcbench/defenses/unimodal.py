@@ -25,7 +25,7 @@ from otcbench.defenses.pool import EmbeddingPool
 from otcbench.models import prepare_images
 
 if TYPE_CHECKING:
-    from otcbench.train.loop import Trainer
+    from otcbench.defenses.protocol import TrainerContext
 
 
 def _ce_diag(logits: torch.Tensor) -> torch.Tensor:
@@ -88,7 +88,7 @@ class EDAOptions(Options):
     wordnet: bool = Field(True, description="use WordNet synonyms (with the dataset's own) when installed")
 
 
-def eda_tokens(trainer: Trainer, seed: int, options: EDAOptions) -> torch.Tensor:
+def eda_tokens(trainer: TrainerContext, seed: int, options: EDAOptions) -> torch.Tensor:
     """Token ids ``[N, L]`` (CPU) of one EDA variant of every caption of the trainer's data.
 
     The dataset's own thesaurus (``otcbench.json`` ``synonyms``) is merged with WordNet.
@@ -100,10 +100,10 @@ def eda_tokens(trainer: Trainer, seed: int, options: EDAOptions) -> torch.Tensor
     return trainer.tokenizer(captions)
 
 
-def augmented_batch_images(trainer: Trainer, rows: torch.Tensor, options: ImageAugOptions) -> torch.Tensor:
+def augmented_batch_images(trainer: TrainerContext, rows: torch.Tensor, options: ImageAugOptions) -> torch.Tensor:
     """Model input of an augmented view of the images of ``rows`` (augmented on the device, global RNG).
 
-    The pixels come from :meth:`Trainer.raw_images`: a training batch's own images, not a second read.
+    The pixels come from the trainer's ``raw_images``: a training batch's own images, not a second read.
     """
     raw = trainer.raw_images(rows).to(trainer.device, non_blocking=True)
     return prepare_images(trainer.model, augment_images(raw, None, options))

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from otcbench.models import prepare_images
+from otcbench.models.mode import eval_mode
 
 
 @torch.no_grad()
@@ -25,17 +26,17 @@ def image_features(
 
     ``transform`` is applied to each uint8 batch first (e.g. a backdoor trigger for ASR).
     """
-    model.eval()
     dev = torch.device(device)
     out = []
     ctx = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start : start + batch_size]
-        if transform is not None:
-            x = transform(x)
-        with ctx:
-            f = model.encode_image(prepare_images(model, x.to(dev)))
-        out.append(F.normalize(f.float(), dim=-1).cpu())
+    with eval_mode(model):
+        for start in range(0, images.shape[0], batch_size):
+            x = images[start : start + batch_size]
+            if transform is not None:
+                x = transform(x)
+            with ctx:
+                f = model.encode_image(prepare_images(model, x.to(dev)))
+            out.append(F.normalize(f.float(), dim=-1).cpu())
     if not out:
         return torch.empty(0, 0)
     return torch.cat(out)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,37 +10,14 @@ import torch
 
 from otcbench.config import EvalConfig
 from otcbench.data.format import EvalSet, images_to_tensor, load_eval_set
+from otcbench.device import resolve_device
 from otcbench.errors import UserError
 from otcbench.eval.asr import attack_success, load_poisoned
 from otcbench.eval.features import image_features
 from otcbench.eval.linear_probe import accuracy, linear_probe
 from otcbench.eval.zeroshot import topk_accuracy, zeroshot_classifier, zeroshot_predict
 from otcbench.models import checkpoint_model_name, create_model, get_tokenizer
-from otcbench.train.checkpoint import write_json
-from otcbench.train.loop import CHECKPOINT_DIR, LAST, resolve_device
-
-
-@dataclass
-class ResolvedCheckpoint:
-    """Where a checkpoint file is and where its metrics go."""
-
-    file: Path
-    run_dir: Path | None
-
-
-def resolve_checkpoint(path: str | Path) -> ResolvedCheckpoint:
-    """Accept a run directory (→ its ``checkpoints/last.pt``) or a checkpoint file."""
-    p = Path(path)
-    if p.is_dir():
-        f = p / CHECKPOINT_DIR / LAST
-        if not f.is_file():
-            raise UserError(f"{p} is a directory without {CHECKPOINT_DIR}/{LAST}; pass a run directory "
-                            "written by `otcbench train` or a checkpoint file")
-        return ResolvedCheckpoint(f, p)
-    if not p.is_file():
-        raise UserError(f"checkpoint {p} does not exist; pass a run directory or a .pt file")
-    run_dir = p.parent.parent if p.parent.name == CHECKPOINT_DIR else None
-    return ResolvedCheckpoint(p, run_dir)
+from otcbench.train.checkpoint import ResolvedCheckpoint, resolve_checkpoint, write_json
 
 
 def load_split(es: EvalSet, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,3 +108,6 @@ def evaluate(
     write_json(target, metrics)
     metrics["metrics_file"] = str(target)
     return metrics
+
+
+__all__ = ["ResolvedCheckpoint", "evaluate", "load_split", "resolve_checkpoint"]  # the first and last: historical path

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from open_clip import build_zero_shot_classifier
 
+from otcbench.models.mode import eval_mode
+
 
 @torch.no_grad()
 def zeroshot_classifier(
@@ -17,10 +19,10 @@ def zeroshot_classifier(
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Class weights ``[D, C]`` (float32, CPU): normalised mean of normalised template embeddings."""
-    model.eval()
-    w = build_zero_shot_classifier(
-        model, tokenizer, list(classnames), list(templates), num_classes_per_batch=64, device=device
-    )
+    with eval_mode(model):
+        w = build_zero_shot_classifier(
+            model, tokenizer, list(classnames), list(templates), num_classes_per_batch=64, device=device
+        )
     return w.float().cpu()
 
 

@@ -6,24 +6,21 @@ Importing this package registers the bundled tiny model configs (``otc-vit-tiny`
 
 from __future__ import annotations
 
-from otcbench.models.factory import (
+from otcbench.models.catalog import (
     CONFIG_DIR,
-    PRECISIONS,
     bundled_model_names,
+    list_model_names,
+    model_summary,
+    register_bundled_configs,
+)
+from otcbench.models.checkpoints import (
     checkpoint_model_name,
     checkpoint_state_dict,
-    create_model,
-    get_tokenizer,
-    image_mean_std,
-    image_size,
-    list_model_names,
     load_checkpoint_file,
     load_checkpoint_into,
-    model_summary,
-    prepare_images,
-    register_bundled_configs,
-    unwrap_model,
 )
+from otcbench.models.factory import PRECISIONS, create_model, get_tokenizer
+from otcbench.models.preprocess import image_mean_std, image_size, prepare_images, unwrap_model
 from otcbench.models.tokens import (
     FineGrained,
     encode_fine_grained,

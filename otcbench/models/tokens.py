@@ -40,7 +40,7 @@ from open_clip.transformer import TextTransformer, VisionTransformer, text_globa
 from torch import nn
 
 from otcbench.errors import UserError
-from otcbench.models.factory import prepare_images, unwrap_model
+from otcbench.models.preprocess import prepare_images, unwrap_model
 
 __all__ = ["FineGrained", "encode_image_tokens", "encode_text_tokens", "encode_fine_grained"]
 

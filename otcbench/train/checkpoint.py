@@ -8,6 +8,7 @@ import os
 import platform
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,10 @@ import torch
 
 import otcbench
 from otcbench.errors import UserError
+
+#: A run directory's checkpoints: ``CHECKPOINT_DIR/LAST`` (latest) and ``CHECKPOINT_DIR/epoch_NNN.pt``.
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.pt"
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -78,3 +83,26 @@ def environment_info(device: torch.device) -> dict[str, Any]:
 def write_json(path: Path, obj: Any) -> None:
     """Pretty JSON, written atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@dataclass
+class ResolvedCheckpoint:
+    """Where a checkpoint file is and where its metrics go."""
+
+    file: Path
+    run_dir: Path | None
+
+
+def resolve_checkpoint(path: str | Path) -> ResolvedCheckpoint:
+    """Accept a run directory (→ its ``checkpoints/last.pt``) or a checkpoint file."""
+    p = Path(path)
+    if p.is_dir():
+        f = p / CHECKPOINT_DIR / LAST
+        if not f.is_file():
+            raise UserError(f"{p} is a directory without {CHECKPOINT_DIR}/{LAST}; pass a run directory "
+                            "written by `otcbench train` or a checkpoint file")
+        return ResolvedCheckpoint(f, p)
+    if not p.is_file():
+        raise UserError(f"checkpoint {p} does not exist; pass a run directory or a .pt file")
+    run_dir = p.parent.parent if p.parent.name == CHECKPOINT_DIR else None
+    return ResolvedCheckpoint(p, run_dir)

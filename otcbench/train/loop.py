@@ -13,7 +13,6 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,48 +21,29 @@ import yaml
 
 from otcbench.config import RESULT_NEUTRAL_TRAIN_KEYS, TrainConfig, TrainJob, dump_yaml, validate
 from otcbench.data.format import load_pair_dataset
-from otcbench.defenses import DEFENSES, Defense
+from otcbench.defenses import Defense, build_defense
+from otcbench.device import autocast_dtype, resolve_device
 from otcbench.errors import UserError
 from otcbench.models import create_model, get_tokenizer, image_size, load_checkpoint_file, prepare_images
+from otcbench.progress import progress_bar, progress_enabled
 from otcbench.train import distributed
-from otcbench.train.checkpoint import atomic_torch_save, atomic_write_text, environment_info, write_json
+from otcbench.train.batch import Batch
+from otcbench.train.checkpoint import (
+    CHECKPOINT_DIR,
+    LAST,
+    atomic_torch_save,
+    atomic_write_text,
+    environment_info,
+    write_json,
+)
 from otcbench.train.data import LoaderOptions, TrainData, load_for_model
 from otcbench.train.losses import clip_loss
+from otcbench.train.order import epoch_order, step_seed
 from otcbench.train.schedule import cosine_lr, warmup_steps
 
-CHECKPOINT_DIR = "checkpoints"
-LAST = "last.pt"
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; a CUDA request without CUDA is a one-line error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} requested but CUDA is not available; use --set train.device=cpu")
-    return dev
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.amp`` on ``device`` (None: full precision)."""
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
-
-
-def step_seed(seed: int, step: int) -> int:
-    """A per-step seed: randomness inside a step depends only on (seed, step), so resume is exact."""
-    return (seed * 1_000_003 + step * 7_919 + 17) % (2**63 - 1)
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The deterministic shuffled row order of an epoch."""
-    g = torch.Generator().manual_seed(step_seed(seed, 10_000_000 + epoch))
-    return torch.randperm(n, generator=g)
+# re-exported: their historical import path (tests, notebooks)
+__all__ = ["CHECKPOINT_DIR", "LAST", "Batch", "Trainer", "autocast_dtype", "epoch_order", "make_optimizer",
+           "resolve_device", "step_seed"]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -95,17 +75,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
         return torch.optim.AdamW(groups, **kwargs)
 
 
-@dataclass
-class Batch:
-    """One training (micro-)batch: model input on the device, and the raw images it was made from."""
-
-    rows: torch.Tensor  # dataset rows of the images (cpu, int64)
-    caption_rows: torch.Tensor  # rows whose captions are paired with them (after re-pairing)
-    images: torch.Tensor  # model input
-    tokens: torch.Tensor
-    raw: torch.Tensor  # uint8 [B,3,H,W] on the CPU (pinned when streaming to CUDA): read via Trainer.raw_images
-
-
 class Trainer:
     """Trains a CLIP model on a pair dataset with a defense; writes a run directory.
 
@@ -113,6 +82,10 @@ class Trainer:
 
         job = TrainJob(data="data/world", train=TrainConfig(epochs=2))
         Trainer(job, Path("runs/clip")).fit()
+
+    ``defense``: the defense to train with, built by the caller (:func:`otcbench.defenses.build_defense`
+    ``(job.defense)``, the default). The trainer only calls its hooks; a defense sees the trainer through
+    :class:`otcbench.defenses.protocol.TrainerContext`.
     """
 
     def __init__(
@@ -120,6 +93,7 @@ class Trainer:
         job: TrainJob,
         out: str | Path,
         *,
+        defense: Defense | None = None,
         resume: bool = False,
         show_progress: bool = True,
         on_step: Callable[[Trainer], None] | None = None,
@@ -143,8 +117,9 @@ class Trainer:
         # Everything that can fail on bad input is checked here, before any long work.
         self._check_run_dir()
         distributed.init_distributed(self.device.type)
-        defense_cls = DEFENSES.get(job.defense.name)
-        self.defense: Defense = defense_cls(DEFENSES.options(job.defense.name, job.defense.options))
+        if defense is not None and defense.name != job.defense.name:
+            raise ValueError(f"defense {defense.name!r} given for a job of defense {job.defense.name!r}")
+        self.defense: Defense = defense if defense is not None else build_defense(job.defense)
         self.data_info = load_pair_dataset(job.data)
 
         if self.cfg.threads:
@@ -383,7 +358,7 @@ class Trainer:
         distributed.barrier()
         try:
             self.defense.on_train_start(self)
-            with _progress(self.show_progress and self.dist.is_main) as progress:
+            with progress_bar(progress_enabled(self.show_progress and self.dist.is_main), info=True) as progress:
                 ep_task = progress.add_task("epochs", total=self.cfg.epochs, completed=self.epoch, info="")
                 step_task = progress.add_task("steps", total=self.steps_per_epoch, info="")
                 while self.epoch < self.cfg.epochs:
@@ -468,20 +443,3 @@ def _config_diff(old: TrainJob, new: TrainJob) -> str:
         elif a[section] != b.get(section):
             diffs.append(section)
     return ", ".join(diffs)
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        disable=not enabled,
-        transient=False,
-    )
-    with progress:
-        yield progress

@@ -38,11 +38,13 @@ from otcbench.defenses.otcclip.options import OTCCLIPFilterOptions, OTCCLIPOptio
 from otcbench.defenses.otcclip.transport import TokenOT
 from otcbench.eval.matching import match_statistics
 from otcbench.models import encode_fine_grained
+from otcbench.models.mode import eval_mode
 from otcbench.train import distributed
 from otcbench.train.losses import clip_loss
 
 if TYPE_CHECKING:
-    from otcbench.train.loop import Batch, Trainer
+    from otcbench.defenses.protocol import TrainerContext
+    from otcbench.train.batch import Batch
 
 __all__ = ["OTCCLIP", "OTCCLIPFilter"]
 
@@ -85,20 +87,15 @@ class OTCCLIP(CaptionMatching, AlignmentLosses, TokenOT, Defense):
 
     # ---- hooks ---------------------------------------------------------------------------------
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: TrainerContext) -> None:
         """Fail fast (before any step) on a model without fine-grained tokens or missing augmentations."""
-        with torch.no_grad():
-            was = trainer.model.training
-            trainer.model.eval()
-            try:
-                features.image_features(trainer.model, trainer.data.image_rows(torch.arange(1)).to(trainer.device))
-                features.text_features(trainer.model, trainer.data.tokens[:1].to(trainer.device))
-            finally:
-                trainer.model.train(was)
+        with torch.no_grad(), eval_mode(trainer.model):
+            features.image_features(trainer.model, trainer.data.image_rows(torch.arange(1)).to(trainer.device))
+            features.text_features(trainer.model, trainer.data.tokens[:1].to(trainer.device))
         if self.options.intra_weight > 0:
             augmenters(self.options.intra_modalities)
 
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+    def on_epoch_start(self, trainer: TrainerContext, epoch: int) -> None:
         """Re-match captions when the schedule says so (once per epoch, also across a resume); in the other
         epochs train on the dataset's own pairs (``between=own``) or keep the last assignment."""
         if not self.due(epoch):
@@ -167,18 +164,18 @@ class OTCCLIP(CaptionMatching, AlignmentLosses, TokenOT, Defense):
 
     # ---- features from the training forward passes ------------------------------------------------
 
-    def epoch_indices(self, trainer: Trainer, epoch: int, order: torch.Tensor) -> torch.Tensor:
+    def epoch_indices(self, trainer: TrainerContext, epoch: int, order: torch.Tensor) -> torch.Tensor:
         """With ``filter_fraction``: the rows the last matching kept (the whole order before the first matching)."""
         return self._kept(order, len(trainer.data))
 
 
-    def _collecting(self, trainer: Trainer) -> bool:
+    def _collecting(self, trainer: TrainerContext) -> bool:
         """Whether this epoch's training forwards should be kept for the matching at the next epoch start."""
         o = self.options
         return (o.match_features == "train" and self.due(trainer.epoch + 1) and not distributed.current().enabled
                 and trainer.epoch + 1 < trainer.cfg.epochs)
 
-    def _collect(self, trainer: Trainer, batch: Batch, fg: Any) -> None:
+    def _collect(self, trainer: TrainerContext, batch: Batch, fg: Any) -> None:
         n = len(trainer.data)
         if self._store is None or self._store.epoch != trainer.epoch:
             d = fg.image_global.shape[1]
@@ -206,7 +203,7 @@ class OTCCLIP(CaptionMatching, AlignmentLosses, TokenOT, Defense):
 
     # ---- losses --------------------------------------------------------------------------------
 
-    def batch_loss(self, trainer: Trainer, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def batch_loss(self, trainer: TrainerContext, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """L_CLIP on the matched pairs + λ_inter·L_inter + λ_intra·L_intra, one forward per tower."""
         o = self.options
         collect = self._collecting(trainer)

@@ -7,8 +7,6 @@ hand-built lookup tables for the model.
 
 from __future__ import annotations
 
-import os
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +14,7 @@ import torch
 
 from otcbench.models import encode_image_tokens, encode_text_tokens
 
-__all__ = ["FeatureStore", "PairStats", "PoolFeatures", "chunk_progress", "eval_mode", "image_features",
-           "progress_on", "text_features"]
+__all__ = ["FeatureStore", "PairStats", "PoolFeatures", "image_features", "text_features"]
 
 
 def image_features(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,47 +113,3 @@ class PoolFeatures:
             # caption row -> index in the pool (-1 when a FIFO pool does not hold it)
             self.position = torch.full((n_rows,), -1, dtype=torch.long, device=rows.device)
             self.position[rows] = torch.arange(rows.numel(), device=rows.device)
-
-
-
-def progress_on(ctx: Any) -> bool:
-    """Whether a data-side step run from ``ctx`` shows progress bars."""
-    return bool(getattr(ctx, "show_progress", False)) and not os.environ.get("OTCBENCH_NO_PROGRESS")
-
-
-class eval_mode(AbstractContextManager):
-    """Put a model in eval mode for a no-grad pass and restore its mode afterwards."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self) -> torch.nn.Module:
-        self.was_training = self.model.training
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc: object) -> None:
-        self.model.train(self.was_training)
-
-
-class chunk_progress(AbstractContextManager):
-    """A rich progress bar over chunks (a no-op when disabled); yields ``advance()``."""
-
-    def __init__(self, enabled: bool, total: int, description: str) -> None:
-        self.enabled, self.total, self.description = enabled, total, description
-        self._cm: AbstractContextManager = nullcontext()
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeRemainingColumn(), transient=True)
-        self._cm = progress
-        progress.__enter__()
-        task = progress.add_task(self.description, total=self.total)
-        return lambda: progress.advance(task)
-
-    def __exit__(self, *exc: object) -> None:
-        self._cm.__exit__(*exc)

@@ -13,7 +13,8 @@ from otcbench.errors import UserError
 from otcbench.models import encode_image_tokens, encode_text_tokens
 
 if TYPE_CHECKING:
-    from otcbench.train.loop import Batch, Trainer
+    from otcbench.defenses.protocol import TrainerContext
+    from otcbench.train.batch import Batch
 
 __all__ = ["AlignmentLosses", "augmenters"]
 
@@ -44,7 +45,7 @@ class AlignmentLosses:
 
     def intra_loss(
         self,
-        trainer: Trainer,
+        trainer: TrainerContext,
         batch: Batch,
         v: torch.Tensor,
         g_img: torch.Tensor,
@@ -88,7 +89,7 @@ class AlignmentLosses:
             parts.append(self.ot_distance(w[:s], w2, w_mask[:s], self._text_mask(m2), g_txt[:s], g2).mean())
         return torch.stack(parts).mean()
 
-    def _thesaurus(self, trainer: Trainer) -> Any:
+    def _thesaurus(self, trainer: TrainerContext) -> Any:
         """The EDA thesaurus (WordNet + the dataset's synonyms), built once per run."""
         if self._syn is None:
             from otcbench.data.text_augment import Thesaurus

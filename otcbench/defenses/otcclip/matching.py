@@ -9,9 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from otcbench.defenses.otcclip import features
-from otcbench.defenses.otcclip.features import FeatureStore, PairStats, PoolFeatures, chunk_progress, eval_mode
+from otcbench.defenses.otcclip.features import FeatureStore, PairStats, PoolFeatures
 from otcbench.defenses.otcclip.options import OTCCLIPOptions
+from otcbench.models.mode import eval_mode
+from otcbench.progress import counted, progress_enabled
 from otcbench.train import distributed
+from otcbench.train.order import epoch_order
 
 if TYPE_CHECKING:
     from otcbench.defenses.base import DataContext
@@ -126,8 +129,6 @@ class CaptionMatching:
             # standalone: what a FIFO holds after one pass over the data in stored order
             return torch.arange(n - size, n)
         # the captions trained last in the previous epoch: what a FIFO fed by the loop holds now
-        from otcbench.train.loop import epoch_order
-
         order = epoch_order(n, cfg.seed, epoch - 1)
         order = self._kept(order, n)  # the previous epoch skipped the filtered rows
         bs = min(cfg.batch_size, len(order))
@@ -270,7 +271,8 @@ class CaptionMatching:
         out_rows: list[torch.Tensor] = []
         out_stats: list[PairStats] = []
         chunks = rows.split(o.match_chunk)
-        with eval_mode(model), chunk_progress(features.progress_on(ctx), len(chunks), "otcclip matching") as advance:
+        shown = progress_enabled(getattr(ctx, "show_progress", False))
+        with eval_mode(model), counted(shown, len(chunks), "otcclip matching") as advance:
             for chunk in chunks:
                 c = chunk.numel()
                 g_img, v = self._image_chunk(ctx, chunk, store)
