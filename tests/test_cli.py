@@ -278,6 +278,7 @@ def test_data_show_bad_inputs(tmp_path: Path, tiny_world: Path) -> None:
 # real processes
 
 
+@pytest.mark.slow
 def test_python_m_otcbench_error_is_one_line(tmp_path: Path) -> None:
     env = {**os.environ, "OTCBENCH_NO_PROGRESS": "1", "COLUMNS": "80"}
     proc = subprocess.run(
@@ -292,6 +293,7 @@ def test_python_m_otcbench_error_is_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_console_script_help(tmp_path: Path) -> None:
     script = Path(sys.executable).with_name("otcbench")
     cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "otcbench"]

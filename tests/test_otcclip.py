@@ -374,6 +374,7 @@ def _matching_worker(rank: int, world_size: int, init_file: str, out_dir: str) -
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_matching_sharded_over_two_processes_equals_one_process(
     use_world: Callable[[FakeWorld], None], tmp_path: Path
 ) -> None:

@@ -52,6 +52,7 @@ def _bf16_step(device: str) -> tuple[float, float]:
     return losses[0], losses[1]
 
 
+@pytest.mark.slow
 def test_bf16_autocast_step_on_cpu() -> None:
     first, second = _bf16_step("cpu")
     assert torch.isfinite(torch.tensor([first, second])).all()
