@@ -37,7 +37,7 @@ from otcbench.bench.train_bench import bench_defense
 from otcbench.config import EvalConfig
 from otcbench.data import format as fmt
 from otcbench.eval.run import evaluate
-from otcbench.models.factory import register_bundled_configs
+from otcbench.models.catalog import register_bundled_configs
 
 BATCH_TIME = re.compile(r"Batch \(t\): ([0-9.]+)")
 
