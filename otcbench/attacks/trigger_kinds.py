@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from otcbench.attacks.triggers import TriggerSpec, apply_trigger
+from otcbench.attacks.triggers import TriggerSpec, apply_trigger, patch_index
 
 __all__ = ["OptimisedPatchTrigger", "StegoTrigger", "apply_manifest_trigger", "manifest_trigger", "paste_patches",
            "patch_corners"]
@@ -95,12 +95,7 @@ def patch_corners(location: str, b: int, h: int, w: int, p: int,
 
 def paste_patches(images: torch.Tensor, patches: torch.Tensor, tops: np.ndarray, lefts: np.ndarray) -> torch.Tensor:
     """``images`` with ``patches[b]`` ([B, 3, p, p], same dtype) pasted at (tops[b], lefts[b]); differentiable."""
-    b, _, p, _ = patches.shape
-    dev = images.device
-    ar = torch.arange(p, device=dev)
-    rows = torch.from_numpy(tops).to(dev).view(b, 1, 1) + ar.view(1, p, 1)
-    cols = torch.from_numpy(lefts).to(dev).view(b, 1, 1) + ar.view(1, 1, p)
-    bidx = torch.arange(b, device=dev).view(b, 1, 1)
+    bidx, rows, cols = patch_index(tops, lefts, patches.shape[2], images.device)
     out = images.clone()
     out[bidx, :, rows, cols] = patches.permute(0, 2, 3, 1)
     return out

@@ -123,6 +123,17 @@ def patch_side(spec: TriggerSpec, height: int, width: int) -> int:
     return max(1, round(spec.size * min(height, width)))
 
 
+def patch_index(tops: np.ndarray, lefts: np.ndarray, p: int,
+                device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(batch [B, 1, 1], rows [B, p, 1], cols [B, 1, p]) indices of the p×p patch at (tops[b], lefts[b]) in image b:
+    ``out[bidx, :, rows, cols]`` is every image's patch region, [B, p, p, C]."""
+    b = len(tops)
+    ar = torch.arange(p, device=device)
+    rows = torch.from_numpy(tops).to(device).view(b, 1, 1) + ar.view(1, p, 1)
+    cols = torch.from_numpy(lefts).to(device).view(b, 1, 1) + ar.view(1, 1, p)
+    return torch.arange(b, device=device).view(b, 1, 1), rows, cols
+
+
 def apply_trigger(spec: TriggerSpec, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """Return a triggered copy of ``images`` (uint8 ``[B, 3, H, W]``); the input is never modified.
 
@@ -260,10 +271,7 @@ def _apply_patch(
         patch = _to_uint8(mean + (255.0 * spec.noise_std) * z)
 
     # Paste all patches at once with advanced indexing: out[b, :, top_b + r, left_b + c] = patch[b, :, r, c].
-    ar = torch.arange(p, device=dev)
-    rows = torch.from_numpy(tops).to(dev).view(b, 1, 1) + ar.view(1, p, 1)
-    cols = torch.from_numpy(lefts).to(dev).view(b, 1, 1) + ar.view(1, 1, p)
-    bidx = torch.arange(b, device=dev).view(b, 1, 1)
+    bidx, rows, cols = patch_index(tops, lefts, p, dev)
     out = images.clone()
     # With a slice between advanced indices, the indexed dims come first: the target is [B, p, p, 3].
     out[bidx, :, rows, cols] = patch.permute(0, 2, 3, 1)
