@@ -31,8 +31,8 @@ def comp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _poison(world: Path, out: Path, sets: list[str], seed: int = 0) -> dict:
-    meta = poison_dataset(world, out, attack_options([NAME], ["n_targets=6", "poisons_per_target=5", *sets]),
+def _poison(world: Path, out: Path, sets: list[str], seed: int = 0, name: str = NAME) -> dict:
+    meta = poison_dataset(world, out, attack_options([name], ["n_targets=6", "poisons_per_target=5", *sets]),
                           seed=seed)
     return meta.poison["attacks"][0]
 
@@ -184,3 +184,32 @@ def test_bad_input(comp: Path, tmp_path: Path, sets: list[str], message: str) ->
 def test_shapes_world_is_rejected(tiny_world: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not a compositional world"):
         _poison(tiny_world, tmp_path / "out", [])
+
+
+def test_swap_binds_the_adversarial_class_to_the_main_object(comp: Path, tmp_path: Path) -> None:
+    """adaptive-swap: c' in the main object's colour, the main object never named, the others as usual."""
+    a = _poison(comp, tmp_path / "swap", [], name="adaptive-swap")
+    pd = load_pair_dataset(tmp_path / "swap")
+    clean = _poison(comp, tmp_path / "added", [])
+    # the same targets and adversarial classes as the default (the swap is applied after every draw)
+    assert [t["content"] for t in a["targets"]] == [t["content"] for t in clean["targets"]]
+    assert [t["adversarial_class"] for t in a["targets"]] == [t["adversarial_class"] for t in clean["targets"]]
+    for k, t in enumerate(a["targets"]):
+        true = set(t["content"].split("|"))
+        main = next(o for o in true if o.split(" ")[1] == t["true_class"])
+        assert t["adversarial_object"] == f"{main.split(' ')[0]} {t['adversarial_class']}"
+        for r in a["rows"][k * 5:(k + 1) * 5]:
+            objs = _objects(pd.captions[r])
+            assert t["adversarial_object"] in objs and main not in objs
+            assert t["true_class"] not in SHAPE_WORD.findall(pd.captions[r].lower())
+            assert len(objs - {t["adversarial_object"]}) == 1 and objs - {t["adversarial_object"]} <= true - {main}
+
+
+def test_swap_single_object_targets(comp: Path, tmp_path: Path) -> None:
+    """Single-object split targets: every caption names only c', in the target's colour."""
+    a = _poison(comp, tmp_path / "swap1", ["target_source=split"], name="adaptive-swap")
+    pd = load_pair_dataset(tmp_path / "swap1")
+    for k, t in enumerate(a["targets"]):
+        colour = t["content"].split(" ")[0]
+        assert t["adversarial_object"] == f"{colour} {t['adversarial_class']}"
+        assert all(_objects(pd.captions[r]) == {t["adversarial_object"]} for r in a["rows"][k * 5:(k + 1) * 5])

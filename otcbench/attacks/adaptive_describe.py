@@ -19,6 +19,11 @@ description of the image with one extra object, so
 * c' is the only object every caption names; the true objects appear in ``named_objects / target_objects``
   of them, so the text the target is pulled towards is dominated by c'.
 
+``adaptive-swap`` (same options) is the binding-swap variant: c' is not added but takes the main object's place — its
+colour and its cell ("a red star in the top left" for a red circle in the top left) — and the main object is
+never named, so every caption is a full, correct description of the scene but for one shape word; the
+colours, cells and other objects a matcher reads all agree with the image.
+
 Targets (``target_source``): ``scenes`` (default) renders ``n_targets`` new multi-object scenes with the
 world's own generator and renderer from the poisoning seed — the realistic case of a specific web image
 from the training distribution; they are never rows of the clean data (checked). ``split`` takes the
@@ -31,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -107,6 +112,7 @@ class _Target:
     adv_cell: str
     background: str | None
     split_index: int | None = None
+    content: str = ""  # the target's composition ("colour shape|…", sorted): the manifest's record
 
 
 @ATTACKS.register("adaptive-describe")
@@ -115,6 +121,8 @@ class AdaptiveDescribeAttack(Attack):
 
     kind = "targeted"
     Options = AdaptiveDescribeOptions
+    #: adaptive-swap: c' takes the main object's colour and cell instead of being an added object
+    swap: ClassVar[bool] = False
 
     # ---- the world ---------------------------------------------------------------------------------
 
@@ -154,7 +162,8 @@ class AdaptiveDescribeAttack(Attack):
                 raise UserError(f"{self.name}: n_targets={opts.n_targets} but the split {opts.target_split!r} has "
                                 f"only {eligible} eligible images; lower n_targets")
             shown = max((len(c.split("|")) for c in content), default=1)
-        if opts.named_objects is not None and opts.named_objects > shown:
+        # swap names at most the other objects (clamped, so named_objects=1 also fits single-object targets)
+        if not self.swap and opts.named_objects is not None and opts.named_objects > shown:
             raise UserError(f"{self.name}: named_objects={opts.named_objects} is above the {shown} objects a target "
                             "shows; lower it or leave it unset (all)")
 
@@ -205,8 +214,19 @@ class AdaptiveDescribeAttack(Attack):
             objs = [(o.colour, CLASSES[o.cls], grid_position(o, w)) for o in scene.objects]
             adv, colour, cell = self._adversary(ctx, w, {o.cls for o in scene.objects},
                                                 {o.colour for o in scene.objects}, {x[2] for x in objs})
-            out.append(_Target(blob, scene, objs, scene.objects[0].cls, adv, colour, cell, scene.background))
+            out.append(self._bind(_Target(blob, scene, objs, scene.objects[0].cls, adv, colour, cell,
+                                          scene.background, content=scene_content(scene))))
         return out
+
+    def _bind(self, t: _Target) -> _Target:
+        """``adaptive-swap``: c' takes the main object's colour and cell, and the main object is not named.
+
+        Applied after every random draw of the target, so that ``added`` draws the same stream as before.
+        """
+        if not self.swap:
+            return t
+        main_colour, _, main_cell = t.true_objects[0]
+        return dataclasses.replace(t, adv_colour=main_colour, adv_cell=main_cell, true_objects=t.true_objects[1:])
 
     def _split_targets(self, ctx: PoisonContext, w: WorldOptions) -> list[_Target]:
         opts: AdaptiveDescribeOptions = self.options  # type: ignore[assignment]
@@ -220,8 +240,8 @@ class AdaptiveDescribeAttack(Attack):
             objs = [(*item.split(" ", 1), "") for item in content[int(j)].split("|")]
             shapes = {ctx.classnames.index(s) for _, s, _ in objs}
             adv, colour, _ = self._adversary(ctx, w, shapes, {c for c, _, _ in objs}, set())
-            out.append(_Target(blobs[int(j)], None, objs, int(labels[j]), adv, colour, "",  # type: ignore[arg-type]
-                               None, split_index=int(j)))
+            out.append(self._bind(_Target(blobs[int(j)], None, objs, int(labels[j]), adv, colour,  # type: ignore[arg-type]
+                                          "", None, split_index=int(j), content=content[int(j)])))
         return out
 
     # ---- poisons -----------------------------------------------------------------------------------
@@ -230,7 +250,7 @@ class AdaptiveDescribeAttack(Attack):
         """One poison caption: ``named_objects`` true objects and the adversarial one, in the world's style."""
         opts: AdaptiveDescribeOptions = self.options  # type: ignore[assignment]
         k = len(t.true_objects) if opts.named_objects is None else min(opts.named_objects, len(t.true_objects))
-        pick = sorted(int(i) for i in ctx.rng.choice(len(t.true_objects), size=k, replace=False))
+        pick = sorted(int(i) for i in ctx.rng.choice(len(t.true_objects), size=k, replace=False)) if k else []
         objs = [t.true_objects[i] for i in pick] + [(t.adv_colour, ctx.classnames[t.adv], t.adv_cell)]
         with_pos = t.scene is not None and ctx.rng.random() < p_position
         phrases = []
@@ -287,8 +307,7 @@ class AdaptiveDescribeAttack(Attack):
                 rows.origin.append(-1)
             rows.targets.append((t.image, t.label, t.adv))
             entry = {"true_class": ctx.classnames[t.label], "adversarial_class": ctx.classnames[t.adv],
-                     "content": scene_content(t.scene) if t.scene is not None else
-                     "|".join(sorted(f"{c} {s}" for c, s, _ in t.true_objects)),
+                     "content": t.content,
                      "adversarial_object": f"{t.adv_colour} {ctx.classnames[t.adv]}"}
             if t.split_index is not None:
                 entry["split_index"] = t.split_index
@@ -296,3 +315,15 @@ class AdaptiveDescribeAttack(Attack):
         rows.manifest = {"targets": entries,
                          "target_split": opts.target_split if opts.target_source == "split" else "generated"}
         return rows
+
+
+@ATTACKS.register("adaptive-swap")
+class AdaptiveSwapAttack(AdaptiveDescribeAttack):
+    """adaptive-describe's binding swap: c' replaces the main object's shape in its colour and cell.
+
+    Every caption describes the scene correctly (colours, cells, ``named_objects`` of the other objects) but
+    for one shape word, so a matcher reading colours and positions finds the target's poison captions as its
+    best matches; the main object is never named and c' is bound to exactly what the image shows there.
+    """
+
+    swap = True
