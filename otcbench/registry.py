@@ -21,8 +21,13 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Name → class mapping for one kind of method (``attack``, ``defense``)."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, *, listing: str | None = None,
+                 check: Callable[[type[T]], None] | None = None) -> None:
+        """``listing``: the command that lists the names (default ``otcbench list {kind}s``); ``check(cls)``
+        runs on every class at registration (after its name is set) and raises a UserError to refuse it."""
         self.kind = kind
+        self.listing = listing or f"otcbench list {kind}s"
+        self._check = check
         self._items: dict[str, type[T]] = {}
 
     def register(self, name: str) -> Callable[[type[T]], type[T]]:
@@ -32,6 +37,8 @@ class Registry(Generic[T]):
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} registered twice")
             cls.name = name  # type: ignore[attr-defined]
+            if self._check is not None:
+                self._check(cls)
             self._items[name] = cls
             return cls
 
@@ -40,6 +47,10 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._items)
 
+    def registered(self) -> list[type[T]]:
+        """The classes in registration order (where an order is shown, e.g. attack kinds' summary columns)."""
+        return list(self._items.values())
+
     def get(self, name: str) -> type[T]:
         """The class registered as ``name``; an unknown name is a one-line error with suggestions."""
         if name not in self._items:
@@ -47,7 +58,7 @@ class Registry(Generic[T]):
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise UserError(
                 f"unknown {self.kind} {name!r}; {hint}known: {', '.join(self.names())} "
-                f"(`otcbench list {self.kind}s`)"
+                f"(`{self.listing}`)"
             )
         return self._items[name]
 

@@ -114,16 +114,15 @@ def skipped_table(skipped: dict[str, int], examples: dict[str, list[str]]) -> Ta
 
 
 def poison_table(out: Any, meta: Any) -> Table:
-    """``poison``: one row per attack of a poisoned dataset's manifest (``meta``: its DatasetMeta)."""
+    """``poison``: one row per attack of a poisoned dataset's manifest (``meta``: its DatasetMeta); the details
+    are each attack kind's own line about its entry."""
+    from otcbench.attacks.kinds import attack_kind  # the attack machinery only once a poison table is shown
+
     table = Table(title=f"poisoned {out} ({meta.counts['pairs']} pairs, fingerprint {meta.fingerprint})")
     for col in ("attack", "kind", "poisoned rows", "details"):
         table.add_column(col)
     for a in meta.poison["attacks"]:
-        if a["kind"] == "targeted":
-            details = f"{len(a['targets'])} targets, e.g. {a['targets'][0]['true_class']} → " \
-                      f"{a['targets'][0]['adversarial_class']}"
-        else:
-            details = f"target {a['target_class']}, trigger {a['trigger']['kind']}"
+        details = attack_kind(a["kind"], f"attack {a['name']!r}").describe(a)
         table.add_row(a["name"], a["kind"], str(a["n_poisoned"]), details)
     return table
 

@@ -168,6 +168,22 @@ def test_asr_known_answer(mixed: Path) -> None:
     yl = res["asr"]["yellow"]
     assert yl["n"] == 8 and yl["asr"] == 1.0 and yl["clean_rate"] == 0.0  # heart images excluded
     assert res["asr_backdoor"] == 1.0 and res["asr_backdoor_n"] == 8
+    assert "asr_backdoor_probe" not in res and "asr_probe" not in yl  # no probe, no probe numbers
+
+    class Probe:  # the linear probe's interface: reads the same class code as the fake model, less the heart
+        def predict(self, f: torch.Tensor) -> torch.Tensor:
+            pred = f.argmax(1)
+            return torch.where(pred == heart, torch.zeros_like(pred), pred)
+
+    res = attack_success(pd, man, classes, features, torch.eye(len(classes)), imgs, y, Probe())
+    # the built-in kinds' headline keys, in the order metrics.json has always had them
+    assert list(res) == ["asr", "asr_targeted", "asr_targeted_n", "asr_backdoor", "asr_backdoor_n",
+                         "asr_backdoor_probe"]
+    yl = res["asr"]["yellow"]
+    assert list(yl) == ["kind", "target_class", "asr", "n", "clean_rate", "asr_probe", "clean_rate_probe"]
+    assert yl["asr"] == 1.0 and yl["asr_probe"] == 0.0 and yl["clean_rate_probe"] == 0.0
+    assert res["asr_backdoor_probe"] == 0.0 and res["asr_targeted"] == pytest.approx(3 / 8)
+    assert list(res["asr"]["targeted"]) == ["kind", "asr", "n", "target_still_correct"]
 
 
 @pytest.mark.parametrize(

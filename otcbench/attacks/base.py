@@ -10,17 +10,24 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from otcbench.attacks.kinds import attack_kind
 from otcbench.config import Options
 from otcbench.data.format import EvalSet, PairDataset, decode_image, png_bytes
 from otcbench.errors import UserError
 from otcbench.registry import Registry
 
-ATTACKS: Registry[Attack] = Registry("attack")
+
+def _check_kind(cls: type[Attack]) -> None:
+    """An attack registers only with a registered kind (otcbench.attacks.kinds)."""
+    attack_kind(getattr(cls, "kind", None), f"attack {cls.name!r}")
+
+
+ATTACKS: Registry[Attack] = Registry("attack", check=_check_kind)
 
 #: Short captions that name only a class (disjoint from the eval prompt templates): poison captions
 #: that teach "this image → that class" without describing anything else.
@@ -69,10 +76,13 @@ class PoisonRows:
 
 
 class Attack:
-    """Base class: subclasses set ``Options``, ``kind`` and implement :meth:`poison`."""
+    """Base class: subclasses set ``Options``, ``kind`` and implement :meth:`poison`.
+
+    ``kind`` names a registered attack kind (``targeted``, ``backdoor``, … — :mod:`otcbench.attacks.kinds`),
+    which decides how the attack is evaluated, summarised and shown."""
 
     name: ClassVar[str]
-    kind: ClassVar[Literal["targeted", "backdoor"]]
+    kind: ClassVar[str]
     Options: ClassVar[type[Options]] = Options
 
     def __init__(self, options: Options) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 
 from otcbench import __version__
 from otcbench.attacks.base import ATTACKS, Attack, PoisonContext, PoisonRows
+from otcbench.attacks.kinds import TARGETS_DIR, attack_kind
 from otcbench.config import apply_overrides
 from otcbench.data.format import (
     SOURCE_LINK,
@@ -39,8 +40,6 @@ from otcbench.data.format import (
 )
 from otcbench.data.image_ids import content_id
 from otcbench.errors import UserError
-
-TARGETS_DIR = "targets"
 
 
 def attack_options(names: list[str], overrides: list[str] | None) -> list[tuple[str, dict[str, Any]]]:
@@ -98,6 +97,7 @@ def poison_dataset(
                              np.random.default_rng([seed, i]))
 
     for i, a in enumerate(built):
+        attack_kind(a.kind, f"attack {a.name!r}")  # a kind unknown here could never be evaluated
         a.check(ctx_for(i))  # every bad option fails here, before any poisoning work
 
     results: list[PoisonRows] = [a.poison(ctx_for(i)) for i, a in enumerate(built)]

@@ -26,9 +26,9 @@ from typing import Any
 
 import pandas as pd
 
+from otcbench.attacks.kinds import kind_labels  # the attack-success metrics: one panel each
 from otcbench.bench.logs import detection_curves, loss_curve, match_curves, run_log
 
-ASR_METRICS = ("asr_targeted", "asr_backdoor", "asr_backdoor_probe")
 #: Distinct filled matplotlib markers; synthetic-full alone has 13 attacks.
 MARKERS = "osD^v<>pXh*PdH8"
 
@@ -70,7 +70,7 @@ def _grid(n: int, plt, width: float = 4.6, height: float = 3.8):
 def plot_asr_vs_accuracy(df: pd.DataFrame, path: Path) -> bool:
     """Robustness–accuracy picture; False (nothing written) when no run measured an ASR."""
     done = df[df["status"] == "done"]
-    metrics = [m for m in ASR_METRICS if m in done and done[m].notna().any()]
+    metrics = [m for m in kind_labels() if m in done and done[m].notna().any()]
     if not metrics or "zeroshot_top1" not in done:
         return False
     plt = _plt()
@@ -118,7 +118,7 @@ def plot_asr_vs_sweep(df: pd.DataFrame, out_dir: Path) -> list[Path]:
         sub = done[done["sweep"] == key].copy()
         sub["sweep_value"] = pd.to_numeric(sub["sweep_value"], errors="coerce")
         sub = sub[sub["sweep_value"].notna()]
-        metrics = [m for m in ASR_METRICS if m in sub and sub[m].notna().any()]
+        metrics = [m for m in kind_labels() if m in sub and sub[m].notna().any()]
         if sub.empty or not metrics:
             continue
         plt = _plt()

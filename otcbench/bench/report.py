@@ -17,9 +17,9 @@ from otcbench.bench.layout import MATCH_FILE, SUMMARY, TABLE_MD, TABLE_TEX, reci
 from otcbench.bench.summary import (
     HEAD,
     META,
-    METRIC_NAMES,
     fill_variants,
     lower_is_better,
+    metric_names,
     read_summary,
     shown_labels,
     summary_rows,
@@ -88,6 +88,7 @@ def _match_curves(df: pd.DataFrame, out: Path) -> pd.DataFrame:
 
 
 # the parts of a report, re-exported from their historical import path
-__all__ = ["HEAD", "MATCH_FILE", "META", "METRIC_NAMES", "SUMMARY", "aggregate", "fill_variants", "latex_table",
-           "lower_is_better", "markdown_table", "match_precision_table", "overview_table", "read_summary",
-           "shown_labels", "summary_rows", "table_metrics", "variant_notes", "write_report", "write_summary"]
+__all__ = ["HEAD", "MATCH_FILE", "META", "SUMMARY", "aggregate", "fill_variants", "latex_table",
+           "lower_is_better", "markdown_table", "match_precision_table", "metric_names", "overview_table",
+           "read_summary", "shown_labels", "summary_rows", "table_metrics", "variant_notes", "write_report",
+           "write_summary"]

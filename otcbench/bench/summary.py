@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from otcbench.attacks.kinds import kind_labels
 from otcbench.bench.layout import RECIPE_COPY, SUMMARY, read_run_info, run_dir, run_state
 from otcbench.errors import UserError
 
@@ -30,14 +31,13 @@ HEAD = ["run_id", "attack", "defense", "seed", "status", "seconds"]
 META = ["attack_group", "defense_group", "defense_name", "variant", "variant_options", "sweep", "sweep_value",
         "defense_sweep", "defense_sweep_value", "error"]
 
-#: Table columns in this order when present; their display names.
-METRIC_NAMES = {
+#: Accuracy columns (first) and defense columns (after the attack kinds' headline metrics) of the tables.
+ACCURACY_NAMES = {
     "zeroshot_top1": "zero-shot top-1",
     "zeroshot_top5": "zero-shot top-5",
     "linear_probe_top1": "linear probe",
-    "asr_targeted": "ASR targeted",
-    "asr_backdoor": "ASR backdoor",
-    "asr_backdoor_probe": "ASR backdoor (probe)",
+}
+DEFENSE_NAMES = {
     "detect_precision": "detect precision",
     "detect_recall": "detect recall",
     "detect_auroc": "detect AUROC",
@@ -48,9 +48,15 @@ METRIC_NAMES = {
 NOT_RESULTS = {"n_test", "n_classes", "linear_probe_c", "eval_seconds"}
 
 
+def metric_names() -> dict[str, str]:
+    """Table columns in this order when present, with their display names: accuracies, each attack kind's
+    headline metrics (:attr:`otcbench.attacks.kinds.AttackKind.labels`, kinds in registration order), defenses'."""
+    return {**ACCURACY_NAMES, **kind_labels(), **DEFENSE_NAMES}
+
+
 def lower_is_better(metric: str) -> bool:
     """Attack success and repairing clean pairs are bad; everything else in the tables is good."""
-    return metric.startswith("asr") or metric == "clean_repaired"
+    return metric.startswith("asr") or metric in kind_labels() or metric == "clean_repaired"
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -119,8 +125,9 @@ def summary_rows(plan: Plan) -> list[dict[str, Any]]:
 
 def _column_order(columns: list[str]) -> list[str]:
     metrics = [c for c in columns if c not in HEAD and c not in META]
-    known = [m for m in METRIC_NAMES if m in metrics]
-    rest = sorted(m for m in metrics if m not in METRIC_NAMES)
+    names = metric_names()
+    known = [m for m in names if m in metrics]
+    rest = sorted(m for m in metrics if m not in names)
     return HEAD + META + known + rest
 
 

@@ -15,13 +15,14 @@ from typing import Any
 
 import pandas as pd
 
+from otcbench.attacks.kinds import overview_metrics
 from otcbench.bench.summary import (
     HEAD,
     META,
-    METRIC_NAMES,
     NOT_RESULTS,
     _column_order,
     lower_is_better,
+    metric_names,
     shown_labels,
     variant_notes,
 )
@@ -58,7 +59,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _is_fraction(df: pd.DataFrame, metric: str) -> bool:
-    if metric in METRIC_NAMES:
+    if metric in metric_names():
         return True
     vals = df[metric].dropna()
     return bool(len(vals)) and bool(((vals >= 0) & (vals <= 1)).all())
@@ -113,7 +114,7 @@ def _cells(df: pd.DataFrame, pm: str, bold: tuple[str, str]) -> tuple[list[str],
     metrics = table_metrics(df)
     header = ["attack", "defense", "seeds"]
     for m in metrics:
-        name = METRIC_NAMES.get(m, m)
+        name = metric_names().get(m, m)
         unit = " (%)" if _is_fraction(df, m) else ""
         header.append(f"{name}{unit} {'↓' if lower_is_better(m) else '↑'}")
     body = []
@@ -155,10 +156,6 @@ def markdown_table(df: pd.DataFrame, title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-#: The ASR metrics the overview shows, one row each, for the attacks that have them.
-HEADLINE_ASR = ("asr_targeted", "asr_backdoor")
-
-
 def overview_table(df: pd.DataFrame, title: str = "") -> str:
     """Attack × defense at a glance (markdown): each attack's ASR (targeted and/or backdoor) per defense,
     the clean row's zero-shot top-1, and a last row with each defense's zero-shot top-1 averaged over all
@@ -179,7 +176,8 @@ def overview_table(df: pd.DataFrame, title: str = "") -> str:
     lines.append("| attack | metric | " + " | ".join(defenses) + " |")
     lines.append("|---|---|" + "---:|" * len(defenses))
     for attack, g in agg.groupby("attack", sort=False):
-        shown = [m for m in HEADLINE_ASR if m in metrics and g[f"{m}_mean"].notna().any()]
+        # the ASR metrics the overview shows, one row each: each attack kind's first (for the attacks that have it)
+        shown = [m for m in overview_metrics() if m in metrics and g[f"{m}_mean"].notna().any()]
         if not shown and "zeroshot_top1" in metrics:
             shown = ["zeroshot_top1"]
         for metric in shown:
@@ -194,7 +192,7 @@ def overview_table(df: pd.DataFrame, title: str = "") -> str:
                 if r["n_done"] < r["n_runs"] and not math.isnan(r[f"{metric}_mean"]):
                     text += f" ({r['n_done']}/{r['n_runs']})"
                 cells[r["defense"]] = text
-            name = METRIC_NAMES.get(metric, metric) + (" ↓" if lower_is_better(metric) else " ↑")
+            name = metric_names().get(metric, metric) + (" ↓" if lower_is_better(metric) else " ↑")
             lines.append(f"| {str(attack).replace('|', chr(92) + '|')} | {name} | "
                          + " | ".join(cells.get(d, "") for d in defenses) + " |")
     if "zeroshot_top1" in metrics:

@@ -1,9 +1,7 @@
 """Attack success rates from a poisoned dataset's manifest (DESIGN §6, §8).
 
-* targeted: fraction of the manifest's target images whose zero-shot top-1 is their adversarial class;
-* backdoor: the manifest's trigger applied (same code, seeded from the manifest) to every test image
-  whose true class is not the target; the fraction classified as the target, by zero-shot
-  (``asr_backdoor``) and by the linear probe (``asr_backdoor_probe``). Classes are looked up by name.
+Each attack is evaluated by its kind (:mod:`otcbench.attacks.kinds`: ``targeted``, ``backdoor``, …), which also
+names the headline metrics it fills (``asr_targeted``, ``asr_backdoor``, ``asr_backdoor_probe``, …).
 """
 
 from __future__ import annotations
@@ -12,17 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import torch
 
-from otcbench.attacks.poison import TARGETS_DIR
-from otcbench.attacks.trigger_kinds import apply_manifest_trigger, manifest_trigger
-from otcbench.data.format import PairDataset, fingerprint_dataset, images_to_tensor, load_pair_dataset
+from otcbench.attacks.kinds import KINDS, TARGETS_DIR, EvalContext, attack_kind
+from otcbench.data.format import PairDataset, fingerprint_dataset, load_pair_dataset
 from otcbench.errors import UserError
 from otcbench.eval.linear_probe import LinearProbe
-
-#: Seed stream of eval-time triggers (poisoning uses stream ``attack index``).
-EVAL_STREAM = 1_000_003
 
 
 def load_poisoned(path: str | Path) -> tuple[PairDataset, dict[str, Any]]:
@@ -46,13 +39,6 @@ def load_poisoned(path: str | Path) -> tuple[PairDataset, dict[str, Any]]:
     return pd, man
 
 
-def _class(classnames: list[str], name: str, where: str) -> int:
-    if name not in classnames:
-        raise UserError(f"{where}: class {name!r} is not in the eval set's classes ({', '.join(classnames)}); "
-                        "evaluate on the eval set of the poisoned dataset's world")
-    return classnames.index(name)
-
-
 def attack_success(
     poisoned: PairDataset,
     manifest: dict[str, Any],
@@ -64,57 +50,21 @@ def attack_success(
     probe: LinearProbe | None,
     test_features: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """ASR metrics for every attack of ``manifest``.
+    """ASR metrics for every attack of ``manifest``, each evaluated by its kind; then each kind's headline
+    metrics from its first attack.
 
     ``features(images_uint8, transform=None)`` returns normalised image features (the model under test);
     ``test_features``, when given, are the already computed features of ``test_images``.
     """
+    ctx = EvalContext(poisoned, manifest, classnames, features, classifier, test_images, test_labels, probe,
+                      test_features)
     per_attack: dict[str, dict[str, Any]] = {}
-    targets = None
     for i, a in enumerate(manifest["attacks"]):
-        name = a["name"]
-        if a["kind"] == "targeted":
-            if targets is None:
-                tds = datasets.load_from_disk(str(poisoned.path / TARGETS_DIR))
-                targets = images_to_tensor(tds)
-            rows = a["target_rows"]
-            adv = torch.tensor([_class(classnames, t["adversarial_class"], name) for t in a["targets"]])
-            true = torch.tensor([_class(classnames, t["true_class"], name) for t in a["targets"]])
-            pred = (features(targets[rows]) @ classifier).argmax(1)
-            per_attack[name] = {
-                "kind": "targeted",
-                "asr": float((pred == adv).float().mean()),
-                "n": len(rows),
-                "target_still_correct": float((pred == true).float().mean()),
-            }
-        else:
-            target = _class(classnames, a["target_class"], name)
-            keep = test_labels != target
-            imgs = test_images[keep]
-            spec = manifest_trigger(a["trigger"])  # any trigger kind, exactly as poisoning applied it
-            rng = np.random.default_rng([int(manifest["seed"]), i, EVAL_STREAM])
-            trig = features(imgs, transform=lambda x, spec=spec, rng=rng: apply_manifest_trigger(spec, x, rng))
-            clean = test_features[keep] if test_features is not None else features(imgs)
-            res = {
-                "kind": "backdoor",
-                "target_class": a["target_class"],
-                "asr": float(((trig @ classifier).argmax(1) == target).float().mean()),
-                "n": int(keep.sum()),
-                "clean_rate": float(((clean @ classifier).argmax(1) == target).float().mean()),
-            }
-            if probe is not None:
-                res["asr_probe"] = float((probe.predict(trig).cpu() == target).float().mean())
-                res["clean_rate_probe"] = float((probe.predict(clean).cpu() == target).float().mean())
-            per_attack[name] = res
+        kind = attack_kind(a.get("kind"), f"{poisoned.path}: attack {a['name']!r}")
+        per_attack[a["name"]] = kind.evaluate(a, i, ctx)
     out: dict[str, Any] = {"asr": per_attack}
-    first_t = next((v for v in per_attack.values() if v["kind"] == "targeted"), None)
-    first_b = next((v for v in per_attack.values() if v["kind"] == "backdoor"), None)
-    if first_t is not None:
-        out["asr_targeted"] = first_t["asr"]
-        out["asr_targeted_n"] = first_t["n"]
-    if first_b is not None:
-        out["asr_backdoor"] = first_b["asr"]
-        out["asr_backdoor_n"] = first_b["n"]
-        if "asr_probe" in first_b:
-            out["asr_backdoor_probe"] = first_b["asr_probe"]
+    for kind_cls in KINDS.registered():
+        first = next((per_attack[a["name"]] for a in manifest["attacks"] if a["kind"] == kind_cls.name), None)
+        if first is not None:
+            out.update({key: first[src] for key, src in kind_cls.headline.items() if src in first})
     return out
