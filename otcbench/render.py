@@ -1,8 +1,7 @@
 """Every rich table the command line prints, built from the plain values the library returns.
 
 The library computes (dicts, dataclasses, registries); this module only lays them out, so that a command is
-parse → call → ``console.print(render.…)``. ``otcbench defend``'s report table is still
-:func:`otcbench.defenses.defend.report_table`.
+parse → call → ``console.print(render.…)``.
 """
 
 from __future__ import annotations
@@ -273,4 +272,45 @@ def ot_bench_table(rows: Sequence[dict[str, Any]]) -> Table:
                       _rate(r["ours_pairs_per_s"]), _rate(r["ours_e2e_pairs_per_s"]),
                       _rate(r["pot_batch_pairs_per_s"]), _rate(r["pot_loop_pairs_per_s"]),
                       _speedup(r["speedup_vs_batch"]), _speedup(r["speedup_vs_loop"]), f"{r['max_abs_diff']:.0e}")
+    return table
+
+
+# --------------------------------------------------------------------------------------------------
+# defend
+
+
+def _value(v: Any) -> str:
+    """A report value in a cell: floats to 4 decimals, a missing one as "-"."""
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def defend_table(report: dict[str, Any]) -> Table:
+    """``defend``: the report's counts, detection metrics and one AUROC (and precision at the poison count) per
+    score, from :func:`otcbench.defenses.defend.run_defend`'s report."""
+    table = Table(title=f"defend — {report['defense']} with {report['model']} on {report['n']} pairs")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("", style="dim")
+    table.add_row("flagged pairs", str(report["n_flagged"]), "the defense acted on them")
+    table.add_row("re-paired pairs", str(report["n_repaired"]), "caption replaced")
+    table.add_row("kept pairs", str(report["n_keep"]), "trained on with the CLIP loss")
+    if "detect_n_poison" in report:
+        table.add_row("poisoned pairs", str(report["detect_n_poison"]), "ground truth")
+        table.add_row("detect precision", _value(report["detect_precision"]), "poisoned among flagged")
+        table.add_row("detect recall", _value(report["detect_recall"]), "flagged among poisoned")
+        table.add_row("poison repaired", _value(report["poison_repaired"]), "of poisoned pairs")
+        table.add_row("clean repaired", _value(report["clean_repaired"]), "of clean pairs")
+        for i, name in enumerate(report["scores"]):
+            note = "the defense's own score" if i == 0 else "ablation, side by side"
+            if name in {d for d, _ in report.get("detectors", [])}:
+                note = "detector on the model's embeddings"
+            table.add_row(f"AUROC ({name} score)", _value(report.get(f"detect_auroc_{name}")), note)
+            table.add_row(f"precision@poisons ({name})", _value(report.get(f"detect_precision_at_n_{name}")),
+                          "poisoned among the lowest-scored")
+    else:
+        table.add_row("detection", "-", "the dataset has no poisoned rows")
     return table

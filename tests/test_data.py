@@ -23,7 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 import otcbench.data.format as fmt
-import otcbench.data.synth as synth
+import otcbench.data.synth.generate as synth_generate
+import otcbench.data.synth.world as synth_world
 from otcbench.config import SynthConfig
 from otcbench.data.format import (
     META_FILE,
@@ -224,14 +225,15 @@ def test_eval_set_counts_and_balance(world: Path) -> None:
 
 def test_eval_images_are_single_object(monkeypatch: pytest.MonkeyPatch) -> None:
     scenes = []
-    real = synth.sample_scene
+    real = synth_generate.sample_scene
 
     def spy(*args, **kwargs):
         scene = real(*args, **kwargs)
         scenes.append(scene)
         return scene
 
-    monkeypatch.setattr(synth, "sample_scene", spy)
+    # the generator's own reference: the one generate_labelled calls
+    monkeypatch.setattr(synth_generate, "sample_scene", spy)
     cfg = small()
     images, labels = generate_labelled(3, cfg.seed, 3, world_options(cfg))
     assert len(scenes) == len(images) == len(labels) == 3 * N_CLASSES
@@ -355,7 +357,7 @@ def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(synth, "build_pair_dataset", boom)
+    monkeypatch.setattr(synth_world, "build_pair_dataset", boom)
     with pytest.raises(RuntimeError):
         write_world(tmp_path / "world", small(n_train=20))
     assert list(tmp_path.iterdir()) == []

@@ -139,7 +139,7 @@ def defend_cmd(
     --detector knn --detector dao
     """
     from otcbench.config import apply_overrides
-    from otcbench.defenses.defend import data_options, detector_specs, report_table, run_defend
+    from otcbench.defenses.defend import data_options, detector_specs, run_defend
 
     quiet_datasets()
     options = apply_overrides({}, set_)
@@ -154,5 +154,5 @@ def defend_cmd(
     if as_json:
         console.print_json(json.dumps(report))
         return
-    console.print(report_table(report))
+    console.print(render.defend_table(report))
     console.print(f"defended dataset written to [bold]{report['out']}[/]")

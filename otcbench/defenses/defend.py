@@ -59,7 +59,7 @@ from otcbench.models import checkpoint_model_name, create_model, get_tokenizer, 
 from otcbench.train.data import DataMode, LoaderOptions, TrainData, load_for_model
 
 __all__ = ["PAIR_SCORES", "REPORT", "DataOptions", "StandaloneContext", "data_options", "data_step_defenses",
-           "detector_specs", "report_table", "run_defend"]
+           "detector_specs", "run_defend"]
 
 PAIR_SCORES = "pair_scores.parquet"
 REPORT = "defend.json"
@@ -334,40 +334,3 @@ def _write_scores(path: Path, ci: torch.Tensor, poison: list[str], flagged: torc
     for k, v in scores.items():
         table[f"score_{k}"] = v.detach().float().cpu().numpy()
     pd.DataFrame(table).to_parquet(path, index=False)
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return str(v)
-
-
-def report_table(report: dict[str, Any]) -> Any:
-    """The on-screen summary of a ``defend`` report: counts, detection metrics, one AUROC per score."""
-    from rich.table import Table
-
-    table = Table(title=f"defend — {report['defense']} with {report['model']} on {report['n']} pairs")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_column("", style="dim")
-    table.add_row("flagged pairs", str(report["n_flagged"]), "the defense acted on them")
-    table.add_row("re-paired pairs", str(report["n_repaired"]), "caption replaced")
-    table.add_row("kept pairs", str(report["n_keep"]), "trained on with the CLIP loss")
-    if "detect_n_poison" in report:
-        table.add_row("poisoned pairs", str(report["detect_n_poison"]), "ground truth")
-        table.add_row("detect precision", _fmt(report["detect_precision"]), "poisoned among flagged")
-        table.add_row("detect recall", _fmt(report["detect_recall"]), "flagged among poisoned")
-        table.add_row("poison repaired", _fmt(report["poison_repaired"]), "of poisoned pairs")
-        table.add_row("clean repaired", _fmt(report["clean_repaired"]), "of clean pairs")
-        for i, name in enumerate(report["scores"]):
-            note = "the defense's own score" if i == 0 else "ablation, side by side"
-            if name in {d for d, _ in report.get("detectors", [])}:
-                note = "detector on the model's embeddings"
-            table.add_row(f"AUROC ({name} score)", _fmt(report.get(f"detect_auroc_{name}")), note)
-            table.add_row(f"precision@poisons ({name})", _fmt(report.get(f"detect_precision_at_n_{name}")),
-                          "poisoned among the lowest-scored")
-    else:
-        table.add_row("detection", "-", "the dataset has no poisoned rows")
-    return table
