@@ -88,12 +88,15 @@ class OTCCLIP(CaptionMatching, AlignmentLosses, TokenOT, Defense):
     # ---- hooks ---------------------------------------------------------------------------------
 
     def on_train_start(self, trainer: TrainerContext) -> None:
-        """Fail fast (before any step) on a model without fine-grained tokens or missing augmentations."""
+        """Fail fast (before any step) on a model without fine-grained tokens or missing augmentations; probe the
+        fewest rows the intra loss's augmented image view may have (BatchNorm: :func:`.losses.intra_rows`)."""
         with torch.no_grad(), eval_mode(trainer.model):
             features.image_features(trainer.model, trainer.data.image_rows(torch.arange(1)).to(trainer.device))
             features.text_features(trainer.model, trainer.data.tokens[:1].to(trainer.device))
         if self.options.intra_weight > 0:
             augmenters(self.options.intra_modalities)
+            if self.options.intra_modalities in ("both", "image"):
+                self._view_rows(trainer)
 
     def on_epoch_start(self, trainer: TrainerContext, epoch: int) -> None:
         """Re-match captions when the schedule says so (once per epoch, also across a resume); in the other

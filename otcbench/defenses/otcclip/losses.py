@@ -11,12 +11,13 @@ import torch.nn.functional as F
 from otcbench.defenses.otcclip.options import OTCCLIPOptions
 from otcbench.errors import UserError
 from otcbench.models import encode_image_tokens, encode_text_tokens
+from otcbench.models.mode import min_train_rows
 
 if TYPE_CHECKING:
     from otcbench.defenses.protocol import TrainerContext
     from otcbench.train.batch import Batch
 
-__all__ = ["AlignmentLosses", "augmenters"]
+__all__ = ["AlignmentLosses", "augmenters", "intra_rows"]
 
 
 class AlignmentLosses:
@@ -25,6 +26,7 @@ class AlignmentLosses:
 
     options: OTCCLIPOptions
     _syn: Any = None
+    _min_view_rows: int | None = None  # the image tower's fewest train-mode rows, probed once (_view_rows)
 
     def inter_loss(
         self,
@@ -53,7 +55,8 @@ class AlignmentLosses:
         w_mask: torch.Tensor,
         g_txt: torch.Tensor,
     ) -> torch.Tensor:
-        """Intra-modality OT loss on the first ``intra_fraction`` of the batch (a random subset: rows are shuffled).
+        """Intra-modality OT loss on the first ``intra_fraction`` of the batch (a random subset: rows are shuffled;
+        how many: :func:`intra_rows`).
 
         Image: d_OT between two views' token sets (the main forward and one augmented view, or two augmented
         views). Text: d_OT between a caption's tokens and its EDA variant's. Randomness comes from the
@@ -62,10 +65,11 @@ class AlignmentLosses:
         o = self.options
         model = trainer.model
         device = trainer.device
-        s = max(1, round(o.intra_fraction * v.shape[0]))
+        images = o.intra_modalities in ("both", "image")
+        s = intra_rows(v.shape[0], o.intra_fraction, self._view_rows(trainer) if images else 1)
         augment_images, eda_batch = augmenters(o.intra_modalities)
         parts = []
-        if o.intra_modalities in ("both", "image"):
+        if images:
             # augmented on the device with the global RNG, which the trainer reseeds at every step
             raw = trainer.raw_images(batch.rows)[:s].to(device, non_blocking=True)
             grad = torch.enable_grad() if o.intra_view_grad else torch.no_grad()
@@ -89,6 +93,14 @@ class AlignmentLosses:
             parts.append(self.ot_distance(w[:s], w2, w_mask[:s], self._text_mask(m2), g_txt[:s], g2).mean())
         return torch.stack(parts).mean()
 
+    def _view_rows(self, trainer: TrainerContext) -> int:
+        """The fewest images an augmented view may have: 2 where the image tower's BatchNorm refuses a single image
+        in train mode (:func:`~otcbench.models.mode.min_train_rows`, probed once on one image), else 1."""
+        if self._min_view_rows is None:
+            one = trainer.data.image_rows(torch.arange(1)).to(trainer.device)
+            self._min_view_rows = min_train_rows(trainer.model, lambda: encode_image_tokens(trainer.model, one))
+        return self._min_view_rows
+
     def _thesaurus(self, trainer: TrainerContext) -> Any:
         """The EDA thesaurus (WordNet + the dataset's synonyms), built once per run."""
         if self._syn is None:
@@ -97,6 +109,18 @@ class AlignmentLosses:
             info = getattr(trainer, "data_info", None)
             self._syn = Thesaurus(info.meta.synonyms if info is not None else None)
         return self._syn
+
+
+def intra_rows(batch_rows: int, fraction: float, min_rows: int = 1) -> int:
+    """Rows of a (micro-)batch of ``batch_rows`` that get the intra-modality loss: ``round(fraction · B)``, at least
+    ``min_rows`` and at most B.
+
+    ``min_rows`` is 1 (a single row is fine) unless the augmented image view must have 2 rows (BatchNorm on a 1×1
+    feature map: :meth:`AlignmentLosses._view_rows`): with the default 1/8 a batch under 12 rows would otherwise
+    encode a single image and crash. A count of 2 or more is never changed, nor is any count on a model
+    without that constraint. (A 1-row micro-batch on such a model fails in the main forward already.)
+    """
+    return min(batch_rows, max(min_rows, round(fraction * batch_rows)))
 
 
 def augmenters(modalities: str) -> tuple[Any, Any]:
