@@ -28,12 +28,15 @@ def test_the_script_is_valid_bash() -> None:
     assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
 
 
+@pytest.mark.slow  # starts the script twice (bash and python subprocesses)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
 def test_without_cuda_it_skips_cleanly(tmp_path: Path) -> None:
     proc = run(tmp_path)
     assert proc.returncode == 0 and "no CUDA device" in proc.stderr
     assert json.loads((tmp_path / "check.json").read_text()) == {"skipped": True, "reason": "no CUDA device"}
     assert run(tmp_path, GPU_CHECK_REQUIRE="1").returncode == 1
+
+
 @pytest.mark.slow
 def test_the_cpu_dry_run_runs_every_step(tmp_path: Path) -> None:
     proc = run(tmp_path, GPU_CHECK_DRY_RUN="1")

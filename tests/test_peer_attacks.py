@@ -137,6 +137,8 @@ def optimised(tiny_world: Path, trained_run: Path, tmp_path_factory: pytest.Temp
     return out
 
 
+# slow: needs the shared trained run (trains) and optimises a patch against it
+@pytest.mark.slow
 def test_optimised_patch_is_cached_in_the_manifest_and_applied_identically(
         tiny_world: Path, trained_run: Path, optimised: Path, tmp_path: Path) -> None:
     _, man = load_poisoned(optimised)
@@ -164,6 +166,8 @@ def test_optimised_patch_is_cached_in_the_manifest_and_applied_identically(
     assert torch.equal(_rows(cached, load_pair_dataset(cached).meta.poison["attacks"][0]["rows"]), stored)
 
 
+# slow: needs the shared trained run (trains)
+@pytest.mark.slow
 def test_eval_asr_uses_the_new_triggers(optimised: Path, issba: Path, trained_run: Path) -> None:
     from otcbench.eval.run import evaluate
 
