@@ -23,7 +23,8 @@ OTC=("$PY" -m otcbench.cli)
 HERE=$(cd "$(dirname "$0")" && pwd)
 
 if [ "$DRY" = "1" ]; then
-  # batch 16: otcclip's intra loss takes 1/8 of a batch, and BatchNorm needs 2 samples
+  # batch 16: chosen when otcclip's intra loss (1/8 of a batch) crashed BatchNorm below 12 rows; since
+  # losses.intra_rows takes 2 rows where BatchNorm needs them, smaller batches run too
   DEVICE=cpu; AMP=none; PREC=fp32; MODELS=(otc-rn-nano otc-vit-tiny); BATCH=16; STEPS=2; EPOCHS=1; SIDE=32
   ROWS=32; OT_ARGS=(--quick --device cpu --no-pot-batch); TR_MODEL=otc-rn-nano
   L_TRAIN=600; L_OT=600; L_RATIO=600; L_DDP=600

@@ -214,14 +214,15 @@ class AdaptiveDescribeAttack(Attack):
             objs = [(o.colour, CLASSES[o.cls], grid_position(o, w)) for o in scene.objects]
             adv, colour, cell = self._adversary(ctx, w, {o.cls for o in scene.objects},
                                                 {o.colour for o in scene.objects}, {x[2] for x in objs})
-            out.append(self._bind(_Target(blob, scene, objs, scene.objects[0].cls, adv, colour, cell,
-                                          scene.background, content=scene_content(scene))))
+            out.append(_Target(blob, scene, objs, scene.objects[0].cls, adv, colour, cell, scene.background,
+                               content=scene_content(scene)))
         return out
 
     def _bind(self, t: _Target) -> _Target:
         """``adaptive-swap``: c' takes the main object's colour and cell, and the main object is not named.
 
-        Applied after every random draw of the target, so that ``added`` draws the same stream as before.
+        Applied to finished targets, after every random draw, so that both attacks draw the same stream: the
+        same targets and adversarial classes for the same seed.
         """
         if not self.swap:
             return t
@@ -240,8 +241,8 @@ class AdaptiveDescribeAttack(Attack):
             objs = [(*item.split(" ", 1), "") for item in content[int(j)].split("|")]
             shapes = {ctx.classnames.index(s) for _, s, _ in objs}
             adv, colour, _ = self._adversary(ctx, w, shapes, {c for c, _, _ in objs}, set())
-            out.append(self._bind(_Target(blobs[int(j)], None, objs, int(labels[j]), adv, colour,  # type: ignore[arg-type]
-                                          "", None, split_index=int(j), content=content[int(j)])))
+            out.append(_Target(blobs[int(j)], None, objs, int(labels[j]), adv, colour, "",  # type: ignore[arg-type]
+                               None, split_index=int(j), content=content[int(j)]))
         return out
 
     # ---- poisons -----------------------------------------------------------------------------------
@@ -296,6 +297,7 @@ class AdaptiveDescribeAttack(Attack):
         w = self.world(ctx)
         p_pos = w.p_position if opts.p_position is None else opts.p_position
         targets = self._scene_targets(ctx, w) if opts.target_source == "scenes" else self._split_targets(ctx, w)
+        targets = [self._bind(t) for t in targets]
         rows = PoisonRows()
         entries = []
         for t in targets:
