@@ -213,3 +213,12 @@ def test_swap_single_object_targets(comp: Path, tmp_path: Path) -> None:
         colour = t["content"].split(" ")[0]
         assert t["adversarial_object"] == f"{colour} {t['adversarial_class']}"
         assert all(_objects(pd.captions[r]) == {t["adversarial_object"]} for r in a["rows"][k * 5:(k + 1) * 5])
+
+
+def test_swap_named_objects_zero(comp: Path, tmp_path: Path) -> None:
+    """named_objects=0: every caption of a 3-object target names c' alone, in the main object's colour."""
+    a = _poison(comp, tmp_path / "swap0", ["named_objects=0"], name="adaptive-swap")
+    pd = load_pair_dataset(tmp_path / "swap0")
+    for k, t in enumerate(a["targets"]):
+        assert len(t["content"].split("|")) == 3
+        assert all(_objects(pd.captions[r]) == {t["adversarial_object"]} for r in a["rows"][k * 5:(k + 1) * 5])

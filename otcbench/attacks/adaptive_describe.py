@@ -84,9 +84,9 @@ class AdaptiveDescribeOptions(Options):
         "n_colours and grid cells, so the adversarial object gets a free colour and cell)"
     )
     named_objects: int | None = Field(
-        1, ge=1, description="true objects each caption names (a fresh random subset per caption; None: all of "
-        "them). Fewer makes c' the dominant word of the target's captions, more makes each caption a fuller "
-        "description"
+        1, ge=0, description="true objects each caption names (a fresh random subset per caption; None: all of "
+        "them; 0: only c'). Fewer makes c' the dominant word of the target's captions, more makes each caption a "
+        "fuller description"
     )
     max_shift: int = Field(1, ge=0, le=8, description="largest shift (pixels, each axis) of a near-duplicate")
     noise_std: float = Field(
