@@ -222,3 +222,21 @@ def test_swap_named_objects_zero(comp: Path, tmp_path: Path) -> None:
     for k, t in enumerate(a["targets"]):
         assert len(t["content"].split("|")) == 3
         assert all(_objects(pd.captions[r]) == {t["adversarial_object"]} for r in a["rows"][k * 5:(k + 1) * 5])
+
+
+@pytest.mark.parametrize("named", [[], ["named_objects=null"]])
+def test_relabel_names_every_object_as_the_adversarial_class(comp: Path, tmp_path: Path, named: list[str]) -> None:
+    """adaptive-relabel: the swap's targets; every named object keeps its colour and takes c' as its shape."""
+    a = _poison(comp, tmp_path / "relabel", named, name="adaptive-relabel")
+    pd = load_pair_dataset(tmp_path / "relabel")
+    swap = _poison(comp, tmp_path / "swap", named, name="adaptive-swap")
+    assert [t["content"] for t in a["targets"]] == [t["content"] for t in swap["targets"]]
+    assert [t["adversarial_object"] for t in a["targets"]] == [t["adversarial_object"] for t in swap["targets"]]
+    for k, t in enumerate(a["targets"]):
+        colours = {o.split(" ")[0] for o in t["content"].split("|")}
+        want = 2 if not named else len(colours)  # the main object and named_objects (1) of the others, or all
+        for r in a["rows"][k * 5:(k + 1) * 5]:
+            objs = _objects(pd.captions[r])
+            assert set(SHAPE_WORD.findall(pd.captions[r].lower())) == {t["adversarial_class"]}
+            assert t["adversarial_object"] in objs and len(objs) == want
+            assert {o.split(" ")[0] for o in objs} <= colours

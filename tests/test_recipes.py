@@ -82,21 +82,29 @@ def test_shipped_recipes_parse_and_their_registered_methods_validate() -> None:
                                                           "otcclip"]
     full, _ = load_recipe("synthetic-full")
     assert full.seeds == [0, 1, 2]
-    # every attack of the shapes world; adaptive-describe and adaptive-swap need the compositional world (the
+    # every attack of the shapes world; adaptive-describe, -swap and -relabel need the compositional world (the
     # finegrained and adaptive-swap recipes), and the peers' attacks have their own recipe (optimised-patch needs
     # a surrogate model trained first)
     peers_attacks = {"optimised-patch", "issba-like"}
-    compositional = {"adaptive-describe", "adaptive-swap"}
+    compositional = {"adaptive-describe", "adaptive-swap", "adaptive-relabel"}
     assert {a for e in expand_attacks(full) for a in e.attacks} == set(ATTACKS.names()) - {*compositional,
                                                                                              *peers_attacks}
     swap, _ = load_recipe("adaptive-swap")
     assert {a for e in expand_attacks(swap) for a in e.attacks} == {"adaptive-swap"}
+    for name in ("adaptive-captions", "adaptive-captions-long"):  # the caption variants, undefended
+        caps, _ = load_recipe(name)
+        assert {a for e in expand_attacks(caps) for a in e.attacks} == {"adaptive-swap", "adaptive-relabel"}
+        assert {d.spec.name for d in expand_defenses(caps)} == {"none"}
     peers, _ = load_recipe("peers")
     assert {a for e in expand_attacks(peers) for a in e.attacks} == peers_attacks and peers.seeds == [0, 1, 2]
     assert [a.label for a in expand_attacks(peers)][0] == "clean"  # the clean reference: the attacks' clean cost
     fine, _ = load_recipe("finegrained")
     assert fine.seeds == [0, 1, 2] and fine.data.synth is not None and fine.data.synth.world == "compositional"
     assert {"none", "roclip", "otcclip", "otcclip+filter", "safeclip"} <= {d.spec.name for d in expand_defenses(fine)}
+    relabel, _ = load_recipe("adaptive-relabel")  # adaptive-relabel against the finegrained defenses and options
+    assert {a for e in expand_attacks(relabel) for a in e.attacks} == {"adaptive-relabel"}
+    assert [(d.label, d.options) for d in expand_defenses(relabel)] == [(d.label, d.options)
+                                                                        for d in expand_defenses(fine)]
     real, _ = load_recipe("cc3m-rn50")
     assert real.requires.gpu and real.data.path == "data/cc3m"
 

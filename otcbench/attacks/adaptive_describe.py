@@ -218,7 +218,7 @@ class AdaptiveDescribeAttack(Attack):
                                content=scene_content(scene)))
         return out
 
-    def _bind(self, t: _Target) -> _Target:
+    def _bind(self, ctx: PoisonContext, t: _Target) -> _Target:
         """``adaptive-swap``: c' takes the main object's colour and cell, and the main object is not named.
 
         Applied to finished targets, after every random draw, so that both attacks draw the same stream: the
@@ -297,7 +297,7 @@ class AdaptiveDescribeAttack(Attack):
         w = self.world(ctx)
         p_pos = w.p_position if opts.p_position is None else opts.p_position
         targets = self._scene_targets(ctx, w) if opts.target_source == "scenes" else self._split_targets(ctx, w)
-        targets = [self._bind(t) for t in targets]
+        targets = [self._bind(ctx, t) for t in targets]
         rows = PoisonRows()
         entries = []
         for t in targets:
@@ -329,3 +329,19 @@ class AdaptiveSwapAttack(AdaptiveDescribeAttack):
     """
 
     swap = True
+
+
+@ATTACKS.register("adaptive-relabel")
+class AdaptiveRelabelAttack(AdaptiveSwapAttack):
+    """adaptive-swap with every named object relabelled: each caption names its objects' true colours and
+    cells, all with c' as their shape ("a red star and a blue star" for a red circle + blue square scene).
+
+    No caption names a shape the target shows, so no visible object's class word competes with c' in the
+    text the target is pulled towards, and c' is bound to every colour the scene has (the zero-shot prompts
+    average the palette's colours). The colours and cells a matcher reads all agree with the image.
+    """
+
+    def _bind(self, ctx: PoisonContext, t: _Target) -> _Target:
+        t = super()._bind(ctx, t)
+        adv = ctx.classnames[t.adv]
+        return dataclasses.replace(t, true_objects=[(colour, adv, cell) for colour, _, cell in t.true_objects])
