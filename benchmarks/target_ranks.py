@@ -16,16 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from open_clip import get_tokenizer
 
 from otcbench.attacks.kinds.base import EvalContext
 from otcbench.data.format import load_eval_set
 from otcbench.eval.asr import load_poisoned
 from otcbench.eval.features import image_features
-from otcbench.eval.run import resolve_checkpoint
 from otcbench.eval.zeroshot import zeroshot_classifier
-from otcbench.models.checkpoints import checkpoint_model_name
-from otcbench.models.factory import create_model
+from otcbench.models import checkpoint_model_name, create_model, get_tokenizer
+from otcbench.train.checkpoint import resolve_checkpoint
 
 
 def target_ranks(checkpoint: str | Path, eval_data: str | Path, poison: str | Path) -> list[dict[str, Any]]:

@@ -83,7 +83,7 @@ def test_shipped_recipes_parse_and_their_registered_methods_validate() -> None:
     full, _ = load_recipe("synthetic-full")
     assert full.seeds == [0, 1, 2]
     # every attack of the shapes world; adaptive-describe, -swap and -relabel need the compositional world (the
-    # finegrained and adaptive-swap recipes), and the peers' attacks have their own recipe (optimised-patch needs
+    # finegrained and adaptive-* recipes), and the peers' attacks have their own recipe (optimised-patch needs
     # a surrogate model trained first)
     peers_attacks = {"optimised-patch", "issba-like"}
     compositional = {"adaptive-describe", "adaptive-swap", "adaptive-relabel"}

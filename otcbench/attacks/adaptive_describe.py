@@ -22,7 +22,9 @@ description of the image with one extra object, so
 ``adaptive-swap`` (same options) is the binding-swap variant: c' is not added but takes the main object's place — its
 colour and its cell ("a red star in the top left" for a red circle in the top left) — and the main object is
 never named, so every caption is a full, correct description of the scene but for one shape word; the
-colours, cells and other objects a matcher reads all agree with the image.
+colours, cells and other objects a matcher reads all agree with the image. ``adaptive-relabel`` (same options)
+goes one step further: the other objects a caption names keep their colours and cells but take c' as their
+shape too, so no caption names a shape the target shows.
 
 Targets (``target_source``): ``scenes`` (default) renders ``n_targets`` new multi-object scenes with the
 world's own generator and renderer from the poisoning seed — the realistic case of a specific web image
@@ -337,7 +339,7 @@ class AdaptiveRelabelAttack(AdaptiveSwapAttack):
     cells, all with c' as their shape ("a red star and a blue star" for a red circle + blue square scene).
 
     No caption names a shape the target shows, so no visible object's class word competes with c' in the
-    text the target is pulled towards, and c' is bound to every colour the scene has (the zero-shot prompts
+    text the target is pulled towards, and c' is bound to every colour a caption names (the zero-shot prompts
     average the palette's colours). The colours and cells a matcher reads all agree with the image.
     """
 
