@@ -99,7 +99,8 @@ class ModelConfig(Options):
 
 
 #: ``train`` options that change how a run executes, never what it computes: a run resumes across a change of
-#: them, and the recipe runner leaves them out of run ids.
+#: them, and the recipe runner leaves them out of run ids. ``threads`` changes the order of float sums, so
+#: the last bits: each run records its count in its provenance and the report flags a table mixing counts.
 RESULT_NEUTRAL_TRAIN_KEYS = ("device", "threads", "num_workers", "data_mode", "max_bad_fraction", "log_every")
 
 
@@ -133,7 +134,10 @@ class TrainConfig(Options):
         0.01, ge=0, le=1, description="streaming: error when more than this fraction of images are missing or "
         "unreadable (fewer are trained as black images and counted in log.jsonl)"
     )
-    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: all cores)")
+    threads: int | None = Field(
+        1, ge=1, description="torch CPU threads (null: torch's default, every core); runs are bit-identical only "
+        "at the same count and CPU class"
+    )
     save_every_epochs: int = Field(1, ge=1, description="keep a per-epoch checkpoint every N epochs")
     checkpoint_every_steps: int = Field(
         0, ge=0, description="also write last.pt every N steps inside an epoch (0: only at epoch end)"

@@ -221,12 +221,17 @@ def recipes_table(recipes: Sequence[tuple[str, int, list[str], str]], where: str
 
 
 def plan_table(plan: Any, jobs: int) -> Table:
-    """``run --dry-run``: every run of a plan with its state."""
-    table = Table(title=f"{plan.recipe.name}: {len(plan.runs)} runs, {jobs} at a time → {plan.out}")
+    """``run --dry-run``: every run of a plan with its state (``other code`` and ``parent re-run``: re-run from
+    scratch; ``done (other code, kept)`` with ``--keep-other-code``)."""
+    table = Table(title=f"{plan.recipe.name}: {len(plan.runs)} runs, {jobs} at a time → {plan.out}",
+                  caption=f"code fingerprint {plan.code}")
     for col in ("run_id", "attack", "defense", "seed", "starts from", "state"):
         table.add_column(col)
     for r in plan.runs:
-        table.add_row(r.run_id, r.attack.label, r.defense.label, str(r.seed), r.parent or "", plan.state(r))
+        state = plan.state(r)
+        if state == "done" and plan.made_by_other_code(r):
+            state = "done (other code, kept)"
+        table.add_row(r.run_id, r.attack.label, r.defense.label, str(r.seed), r.parent or "", state)
     return table
 
 

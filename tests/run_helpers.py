@@ -33,3 +33,27 @@ def interrupt_at(step: int) -> Callable[[Trainer], None]:
 def last_state(run: Path) -> dict[str, Any]:
     """The run's ``checkpoints/last.pt``."""
     return torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+
+
+#: The tiny recipe's training: one epoch of 6 steps of otc-rn-nano on the 384-pair tiny world, one thread.
+TINY_RECIPE_TRAIN = {"epochs": 1, "batch_size": 64, "threads": 1, "device": "cpu", "log_every": 1}
+
+
+def tiny_recipe(tmp_path: Path, data: Path, **over: Any) -> Path:
+    """A recipe file on the pair dataset ``data`` (used in place): the clean entry, plain CLIP and a fine-tune
+    that starts from it (``ft``), one seed, no linear probe; ``over`` replaces top-level keys."""
+    import yaml
+
+    raw: dict[str, Any] = {
+        "name": "tiny",
+        "data": {"path": str(data)},
+        "attacks": ["none"],
+        "defenses": ["none", {"name": "none", "label": "ft", "init_from": "none", "train": {"lr": 1e-4}}],
+        "train": dict(TINY_RECIPE_TRAIN),
+        "eval": {"linear_probe": False},
+        "seeds": [0],
+    }
+    raw.update(over)
+    p = tmp_path / "recipe.yaml"
+    p.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return p

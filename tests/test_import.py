@@ -301,8 +301,8 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
     assert not out.exists() and leftovers(tmp_path) == []
 
 
-def test_issue7_bad_input_in_every_format_is_one_line(tmp_path: Path) -> None:
-    """Issue 7's bad-input list, format by format: an unknown format, a table without the needed columns,
+def test_bad_input_in_every_format_is_one_line(tmp_path: Path) -> None:
+    """The importers' bad-input list, format by format: an unknown format, a table without the needed columns,
     an empty source — each one ``error:`` line, exit 2, nothing written."""
     out = tmp_path / "out"
     save_image(tmp_path / "a.png", pixels(0))

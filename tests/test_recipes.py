@@ -75,8 +75,9 @@ def test_shipped_recipes_parse_and_their_registered_methods_validate() -> None:
             if d.spec.name in DEFENSES.names():  # defenses land one by one; each is checked once registered
                 DEFENSES.options(d.spec.name, d.options)
     quick, _ = load_recipe("quickstart")
-    # the README's job: clean reference (plain CLIP only) + one poisoned set × 6 defenses, one seed
-    assert grid_size(quick) == 7
+    # the README's job: clean reference (plain CLIP only) + one poisoned set × 6 defenses, three seeds, compared
+    # with the committed reference (a default run writes out/quickstart, never over it)
+    assert grid_size(quick) == 21 and quick.seeds == [0, 1, 2] and quick.reference == "results/quickstart"
     assert [a.label for a in expand_attacks(quick)] == ["clean", "targeted+badnet"]
     assert [d.label for d in expand_defenses(quick)] == ["none", "none+aug", "roclip", "safeclip", "cleanclip",
                                                           "otcclip"]

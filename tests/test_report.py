@@ -98,13 +98,16 @@ def test_markdown_table_formatting_and_bold(tmp_path: Path) -> None:
     assert lines[3] == "|---|---|---:|---:|---:|---:|"
     # a single row in its attack: nothing to compare, nothing bold; no ASR without an attack
     assert lines[4] == "| clean | none | 1/1 | 80.0 | 85.0 | – |"
-    # best per attack: highest accuracy, lowest ASR; mean ± sample std over the finished seeds
-    assert lines[5] == "| badnet | none | 3/3 | 72.0 ± 2.0 | **81.0 ± 1.0** | 95.0 ± 5.0 |"
+    # bold: the best of its attack (highest accuracy, lowest ASR) when it beats the runner-up beyond the seed
+    # spread (linear probe 81.0 ± 1.0 against 79.5 ± 0.7 does not); mean ± sample std over the finished seeds
+    assert lines[5] == "| badnet | none | 3/3 | 72.0 ± 2.0 | 81.0 ± 1.0 | 95.0 ± 5.0 |"
     assert lines[6] == "| badnet | roclip | 2/3 (1 failed) | **76.0 ± 1.4** | 79.5 ± 0.7 | **15.0 ± 7.1** |"
-    assert lines[7] == "| badnet rate=0.005 | none | 1/1 | **78.0** | – | 40.0 |"
-    assert lines[8] == "| badnet rate=0.005 | roclip | 1/1 | 77.0 | – | **0.0** |"
+    # one seed: no spread, nothing bold
+    assert lines[7] == "| badnet rate=0.005 | none | 1/1 | 78.0 | – | 40.0 |"
+    assert lines[8] == "| badnet rate=0.005 | roclip | 1/1 | 77.0 | – | 0.0 |"
     assert "- failed: badnet × roclip (seed 2, run r2): RuntimeError: out of memory" in md
-    assert "best per attack in bold" in md
+    assert "only when it beats the runner-up (the best other ranked cell) beyond the seed spread" in md
+    assert "- nothing bold in linear probe: no cell beats the runner-up beyond the seed spread" in md
 
 
 def test_latex_table(tmp_path: Path) -> None:
@@ -156,15 +159,16 @@ def test_bad_summary_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_a_collapsed_model_is_marked_and_never_wins_an_asr_column(tmp_path: Path) -> None:
-    """12 classes: zero-shot below 2/12 means the model recognises nothing; its 0 % ASR is not a defense."""
+    """12 classes: zero-shot below 2/12 means the model recognises nothing; its 0 % ASR is not a defense
+    (one seed: nothing bold; tests/test_tables_rule.py ranks the same over seeds)."""
     rows = [row("n0", "badnet", "none", 0, zeroshot_top1=0.90, asr_backdoor=0.80, n_classes=12),
             row("r0", "badnet", "roclip", 0, zeroshot_top1=0.09, asr_backdoor=0.00, n_classes=12),
             row("o0", "badnet", "otcclip", 0, zeroshot_top1=0.88, asr_backdoor=0.05, n_classes=12)]
     df = pd.DataFrame(rows, columns=HEAD + META + ["zeroshot_top1", "asr_backdoor", "n_classes"])
     lines = markdown_table(df).splitlines()
-    assert lines[2] == "| badnet | none | 1/1 | **90.0** | 80.0 |"
+    assert lines[2] == "| badnet | none | 1/1 | 90.0 | 80.0 |"
     assert lines[3] == "| badnet | roclip † | 1/1 | 9.0 | 0.0 |"
-    assert lines[4] == "| badnet | otcclip | 1/1 | 88.0 | **5.0** |"
+    assert lines[4] == "| badnet | otcclip | 1/1 | 88.0 | 5.0 |"
     assert "† zero-shot below twice chance" in markdown_table(df)
 
 
@@ -174,9 +178,9 @@ def test_overview_is_attack_by_defense_with_partial_cells_marked(tmp_path: Path)
     assert lines[0] == "### demo: at a glance"
     assert lines[2] == "| attack | metric | none | roclip |"
     assert lines[4] == "| clean | zero-shot top-1 ↑ | 80.0 |  |"  # the clean reference: accuracy, no ASR
-    # roclip's third seed failed: its cell says 2 of 3 seeds; the lowest ASR of the row is bold
+    # roclip's third seed failed: its cell says 2 of 3 seeds; the row's lowest ASR beats the runner-up: bold
     assert lines[5] == "| badnet | ASR backdoor ↓ | 95.0 ± 5.0 | **15.0 ± 7.1** (2/3) |"
-    assert lines[6] == "| badnet rate=0.005 | ASR backdoor ↓ | 40.0 | **0.0** |"
+    assert lines[6] == "| badnet rate=0.005 | ASR backdoor ↓ | 40.0 | 0.0 |"  # one seed: not bold
     # every finished run of a defense: none (.80 .70 .72 .74 .78 .70) and roclip (.75 .77 .77 .74)
     assert lines[8] == "| *all attacks* | zero-shot top-1 ↑ | 74.0 (n=6) | 75.8 (n=4) |"
 
@@ -190,8 +194,8 @@ def test_overview_gives_both_asrs_of_a_combined_attack_and_never_ranks_a_collaps
                 asr_backdoor=0.01, n_classes=12)]
     df = pd.DataFrame(rows, columns=HEAD + META + ["zeroshot_top1", "asr_targeted", "asr_backdoor", "n_classes"])
     lines = overview_table(df).splitlines()
-    assert lines[4] == "| targeted+badnet | ASR targeted ↓ | 100.0 | 0.0 † | **6.2** |"
-    assert lines[5] == "| targeted+badnet | ASR backdoor ↓ | 90.0 | 0.0 † | **1.0** |"
+    assert lines[4] == "| targeted+badnet | ASR targeted ↓ | 100.0 | 0.0 † | 6.2 |"  # one seed: nothing bold
+    assert lines[5] == "| targeted+badnet | ASR backdoor ↓ | 90.0 | 0.0 † | 1.0 |"
 
 
 def test_table_md_holds_the_overview_after_the_full_table(tmp_path: Path) -> None:

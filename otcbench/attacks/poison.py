@@ -2,7 +2,7 @@
 
 The poisoned dataset holds the clean rows (label-consistent attacks trigger some of them in place),
 then every attack's appended rows; the ``poison`` column names the attack of each poisoned row. Its
-``otcbench.json`` carries the poison manifest (DESIGN §4): for each attack its name, options, rows and
+``otcbench.json`` carries the poison manifest (docs/attacks.md): for each attack its name, options, rows and
 what evaluation needs (targets with true/adversarial classes, trigger spec and target class), plus the
 seed and the source's fingerprint. Target images are stored in ``OUT/targets``; the source's eval set is
 copied to ``OUT/eval`` so ``eval --asr`` needs only the poisoned directory. The source is never written.

@@ -5,20 +5,19 @@ The same code triggers the poisoned training images (``otcbench poison``) and th
 poison manifest) plus the state of the ``numpy.random.Generator`` handed in. Nothing here touches global
 random state (no ``torch.rand``/``random``), so results do not depend on what else ran before.
 
-Triggers follow CleanCLIP's ``backdoor/utils.py::apply_trigger`` (see METHODS.md, "Attacks"), on images
+Triggers follow CleanCLIP's official ``backdoor/utils.py::apply_trigger``, on images
 of any size, with these documented differences:
 
 - ``badnet``: the patch (image mean + noise) is clipped to [0, 1] before quantisation. CleanCLIP does
-  not clip and converts with ``mul(255).byte()``, which wraps out-of-range values; clipping is what the
-  DESIGN asks for and what the trigger obviously intends.
+  not clip and converts with ``mul(255).byte()``, which wraps out-of-range values; clipping keeps the patch a
+  valid image and is what the trigger obviously intends.
 - Float → uint8 conversion rounds to the nearest integer (ties to even) instead of truncating, so a
   trigger whose effect is zero (e.g. ``alpha=0``) returns the input unchanged.
 - Random patch positions are uniform over *all* valid top-left corners (CleanCLIP's
   ``randint(0, 223 - patch_size)`` never uses the last row/column).
 - ``sig`` is *blended*: ``(1 - alpha)·x + alpha·amplitude·sin(2π·f·j/W)`` (with alpha = 0.2 by default), because
-  that is what CleanCLIP's code does (SIG only works with ``patch_location='blended'`` there) and what
-  METHODS.md records. The original SIG paper's additive form ``x + amplitude·sin(…)`` is
-  ``sig_mode="add"``.
+  that is what CleanCLIP's code does (SIG only works with ``patch_location='blended'`` there).
+  The original SIG paper's additive form ``x + amplitude·sin(…)`` is ``sig_mode="add"``.
 - ``wanet``: the control grid is drawn with numpy from ``pattern_seed`` (CleanCLIP draws it once with an
   unseeded ``torch.rand`` and caches it in a file), the default is WaNet's ``k=4, s=0.5`` (CleanCLIP's
   file uses ``k=224, s=1``: set ``wanet_k``/``wanet_s``), and sampling uses ``padding_mode="border"``.

@@ -3,11 +3,14 @@
 ::
 
     DIR/results.json            marks a results directory: the recipe's name, otcbench version, recipe file
+                                (never absolute), command line, the invoking process's provenance, and the
+                                ``runs`` block (finished runs by code fingerprint, commit, CPU, threads)
     DIR/recipe.yaml             the recipe as run
     DIR/data/world-<hash>/      the synthetic world (an imported dataset is used in place)
     DIR/data/poison-<hash>/     one poisoned copy per (attack entry, seed)
-    DIR/runs/<run_id>/          one run: the trainer's run directory + run.json (+ error.log when it failed)
-    DIR/summary.csv             one row per run: the source of every table and plot
+    DIR/runs/<run_id>/          one run: the trainer's run directory + run.json (status, attempts and the
+                                ``provenance`` block that keys the cache by code) (+ error.log when it failed)
+    DIR/summary.csv             one row per run: the source of every table and plot (with provenance columns)
     DIR/match_precision.csv     match precision per matching (kept so that it survives without the run logs)
     DIR/table.md, table.tex     the tables
     DIR/plots/                  the PNGs

@@ -9,7 +9,15 @@ The grid is attacks × defenses × seeds. Stages are shared and cached by conten
 A run's id is the hash of its resolved configuration (data stage, model, train options, defense and its
 options, the run it starts from, evaluation options), so the same recipe maps to the same directories,
 and changing any option that changes results gives new ones. Options that do not change results
-(device, threads, workers, logging, checkpoint cadence) are left out of the hash.
+(device, threads, workers, logging, checkpoint cadence) are left out of the hash. ``threads`` changes the
+order of float sums (the last bits) but not what is computed: kept out, a grid resumes on a machine with
+another core count; each run records its count in its provenance and the report flags a table mixing counts.
+
+The id names what a run computes; the code that computes it is the code fingerprint
+(:func:`otcbench.provenance.code_fingerprint`), recorded in each run's ``run.json``. A run recorded with
+another fingerprint (or none) was made by other code: its state is ``other code`` and the runner re-runs
+it from scratch, as it does the runs that start from it (``parent re-run``), unless ``keep_other_code``
+keeps the finished ones (their rows are then marked in the tables).
 
 Everything that can be wrong with a recipe is checked here, before any data is generated or model trained
 (:mod:`otcbench.bench.runner` executes a plan; :mod:`otcbench.bench.layout` names the directories).
@@ -24,14 +32,18 @@ from pathlib import Path
 from typing import Any
 
 from otcbench.bench import layout
-from otcbench.bench.layout import MARKER, run_state
+from otcbench.bench.layout import MARKER, read_run_info, run_state
 from otcbench.bench.recipe import ExpandedAttack, ExpandedDefense, Recipe, expand_attacks, expand_defenses
 from otcbench.config import RESULT_NEUTRAL_TRAIN_KEYS, EvalConfig, ModelConfig, TrainConfig, TrainJob, validate
 from otcbench.errors import UserError
 
-#: Train/eval options that do not change results: left out of run ids (as the trainer's resume check does).
+#: Train/eval options that do not change results: left out of run ids (as the trainer's resume check does;
+#: ``threads``: see the module docstring).
 HASH_IGNORED_TRAIN = (*RESULT_NEUTRAL_TRAIN_KEYS, "save_every_epochs", "checkpoint_every_steps")
 HASH_IGNORED_EVAL = ("device", "batch_size")
+
+#: Where `otcbench run` writes a recipe's results without --out (out/<name>).
+DEFAULT_OUT = Path("out")
 
 
 def stable_hash(obj: Any, n: int = 12) -> str:
@@ -77,9 +89,21 @@ class RunSpec:
         return f"{self.attack.label} × {self.defense.label} (seed {self.seed})"
 
 
+#: Plan states of a run that is re-run from scratch: made by other code, or starting from such a run.
+OTHER_CODE = "other code"
+PARENT_RERUN = "parent re-run"
+RERUN_STATES = (OTHER_CODE, PARENT_RERUN)
+
+
+def recorded_code(run_dir: Path) -> str:
+    """The code fingerprint a run directory's ``run.json`` records ("" when none)."""
+    prov = read_run_info(run_dir).get("provenance")
+    return str(prov.get("code") or "") if isinstance(prov, dict) else ""
+
+
 @dataclass
 class Plan:
-    """A validated, expanded recipe bound to an output directory."""
+    """A validated, expanded recipe bound to an output directory, and the code that plans (and runs) it."""
 
     recipe: Recipe
     out: Path
@@ -87,10 +111,39 @@ class Plan:
     eval_data: Path
     poisons: list[DataStage]
     runs: list[RunSpec]
+    code: str = ""  # the code fingerprint runs are compared with ("": every recorded one matches)
+    keep_other_code: bool = False  # keep finished runs made by other code instead of re-running them
+
+    def _parent(self, run: RunSpec) -> RunSpec | None:
+        return next((r for r in self.runs if r.run_id == run.parent), None) if run.parent else None
+
+    def made_by_other_code(self, run: RunSpec) -> bool:
+        """Whether a run that has started was made by code of another fingerprint (or none recorded), or
+        starts from such a run."""
+        if not self.code or run_state(run.dir) == "new":
+            return False
+        if recorded_code(run.dir) != self.code:
+            return True
+        parent = self._parent(run)
+        return parent is not None and self.made_by_other_code(parent)
 
     def state(self, run: RunSpec) -> str:
-        """``done``, ``partial`` (interrupted or failed: resumable) or ``new``."""
-        return run_state(run.dir)
+        """``done``, ``partial`` (interrupted or failed: resumable), ``new``, or a state that re-runs it from
+        scratch: ``other code`` (started or finished by code of another fingerprint; a finished one stays
+        ``done`` with ``keep_other_code``, an unfinished one never resumes) or ``parent re-run`` (it
+        starts from a run that is re-run)."""
+        state = run_state(run.dir)
+        if state == "new" or not self.code:
+            return state
+        # an unfinished run that never trained (it failed before, e.g. its parent did) has nothing to resume
+        trained = (run.dir / "config.yaml").is_file()
+        if recorded_code(run.dir) != self.code and (state == "done" and not self.keep_other_code
+                                                    or state == "partial" and trained):
+            return OTHER_CODE
+        parent = self._parent(run)
+        if parent is not None and self.state(parent) in RERUN_STATES:
+            return PARENT_RERUN
+        return state
 
 
 def _check_out_dir(out: Path, recipe: Recipe) -> None:
@@ -104,7 +157,7 @@ def _check_out_dir(out: Path, recipe: Recipe) -> None:
             owner = None
         if owner != recipe.name:
             raise UserError(f"{out} holds the results of recipe {owner!r}, not {recipe.name!r}; "
-                            f"choose another --out (default results/{recipe.name}) or remove it")
+                            f"choose another --out (default out/{recipe.name}) or remove it")
     elif out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
         raise UserError(f"{out} exists and holds other files (no {MARKER}); choose an empty or new --out directory")
 
@@ -298,15 +351,19 @@ def _check_runs(plan: Plan, resume: bool) -> None:
                             f"(e.g. {partial[0].title} in {partial[0].dir}); pass --resume to continue them")
 
 
-def plan_recipe(recipe: Recipe, out: str | Path | None = None, *, resume: bool = False) -> Plan:
+def plan_recipe(recipe: Recipe, out: str | Path | None = None, *, resume: bool = False,
+                keep_other_code: bool = False) -> Plan:
     """Validate ``recipe`` against the registries and the filesystem and expand it into ordered runs.
 
     Raises :class:`UserError` (one line) for unknown attacks/defenses or options, an empty grid,
     missing data, a results directory of another recipe, or interrupted runs without ``resume``.
+    ``keep_other_code``: finished runs made by other code are kept (see :meth:`Plan.state`).
     """
     from otcbench.attacks import ATTACKS
+    from otcbench.provenance import code_fingerprint
 
-    out = Path(out) if out is not None else Path("results") / recipe.name
+    # out/ (gitignored), not results/: a default run never writes over the committed reference results
+    out = Path(out) if out is not None else DEFAULT_OUT / recipe.name
     attacks = expand_attacks(recipe)
     defenses = expand_defenses(recipe)
     _check_labels(attacks, defenses)
@@ -342,6 +399,7 @@ def plan_recipe(recipe: Recipe, out: str | Path | None = None, *, resume: bool =
                 if a.spec.defenses is None or d.label in a.spec.defenses:
                     by_label[d.label] = _run_spec(grid, seed, a, d, poison, by_label)
                     runs.append(by_label[d.label])
-    plan = Plan(recipe, out, source, eval_data, list(poisons.values()), runs)
+    plan = Plan(recipe, out, source, eval_data, list(poisons.values()), runs, code=code_fingerprint(),
+                keep_other_code=keep_other_code)
     _check_runs(plan, resume)
     return plan

@@ -183,7 +183,7 @@ class DefenseSpec(Options):
 class Recipe(Options):
     """A benchmark grid: data, attacks × defenses × seeds, model, train and eval options."""
 
-    name: str = Field(description="recipe name; results go to results/<name>/ by default")
+    name: str = Field(description="recipe name; results go to out/<name>/ by default")
     description: str = ""
     requires: Requirements = Field(default_factory=Requirements)
     data: DataSpec
@@ -197,8 +197,13 @@ class Recipe(Options):
         "last", description="after a run is evaluated keep only checkpoints/last.pt (last) or every epoch's"
     )
     jobs: int = Field(
-        1, ge=1, description="runs trained at once by default (`otcbench run --jobs` overrides); each gets an "
-        "equal share of the CPU cores, which changes no run id"
+        1, ge=1, description="runs trained at once by default (`otcbench run --jobs` overrides); each uses "
+        "train.threads torch threads whatever the number of jobs or cores"
+    )
+    reference: str | None = Field(
+        None, description="a results directory (relative to the working directory, e.g. a committed "
+        "results/<name>) that `otcbench run` compares its table with (`otcbench report --compare`); no run id "
+        "depends on it"
     )
 
     @field_validator("name")

@@ -13,13 +13,15 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from otcbench.bench.layout import MATCH_FILE, SUMMARY, TABLE_MD, TABLE_TEX, recipe_name
+from otcbench.bench.layout import MARKER, MATCH_FILE, SUMMARY, TABLE_MD, TABLE_TEX, recipe_name
 from otcbench.bench.summary import (
     HEAD,
     META,
     fill_variants,
     lower_is_better,
+    made_by,
     metric_names,
+    provenance_counts,
     read_summary,
     shown_labels,
     summary_rows,
@@ -41,7 +43,11 @@ if TYPE_CHECKING:
 
 def write_report(out: str | Path, *, plan: Plan | None = None, plots: bool = True) -> str:
     """(Re)write summary.csv (from the run directories when ``plan`` is given), table.md, table.tex and,
-    with ``plots``, the PNGs; returns the markdown table."""
+    with ``plots``, the PNGs; returns the markdown table.
+
+    Every table is followed by what made its runs (:func:`otcbench.bench.summary.made_by`), and results.json's
+    ``runs`` block counts the finished runs by code fingerprint, commit, CPU and thread count.
+    """
     from otcbench.train.checkpoint import atomic_write_text
 
     out = Path(out)
@@ -52,15 +58,18 @@ def write_report(out: str | Path, *, plan: Plan | None = None, plots: bool = Tru
     else:
         df = fill_variants(read_summary(out), out)
         title = recipe_name(out)
-    md = markdown_table(df, title)
+    lines = made_by(df)
+    footer = "".join(f"\n{line}\n" for line in lines)  # one paragraph each
+    md = markdown_table(df, title) + footer
     overview = overview_table(df, title)
     if overview:
-        md += "\n" + overview
+        md += "\n" + overview + footer
     matching = match_precision_table(_match_curves(df, out))
     if matching:
-        md += "\n" + matching
+        md += "\n" + matching + footer
     atomic_write_text(out / TABLE_MD, md)
-    atomic_write_text(out / TABLE_TEX, latex_table(df, title))
+    atomic_write_text(out / TABLE_TEX, latex_table(df, title) + "".join(f"% {line}\n" for line in lines))
+    _record_runs(out, df)
     if plots:
         from otcbench.bench.plots import write_plots
 
@@ -69,6 +78,21 @@ def write_report(out: str | Path, *, plan: Plan | None = None, plots: bool = Tru
 
     write_detector_report(out, plots=plots)  # detectors.md from detectors.csv (`otcbench detect`), if any
     return md
+
+
+def _record_runs(out: Path, df: pd.DataFrame) -> None:
+    """results.json's ``runs`` block (only where results.json marks the directory)."""
+    import json
+
+    from otcbench.train.checkpoint import write_json
+
+    marker = out / MARKER
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    if isinstance(info, dict):
+        write_json(marker, {**info, "runs": provenance_counts(df)})
 
 
 def _match_curves(df: pd.DataFrame, out: Path) -> pd.DataFrame:
@@ -89,6 +113,6 @@ def _match_curves(df: pd.DataFrame, out: Path) -> pd.DataFrame:
 
 # the parts of a report, re-exported from their historical import path
 __all__ = ["HEAD", "MATCH_FILE", "META", "SUMMARY", "aggregate", "fill_variants", "latex_table",
-           "lower_is_better", "markdown_table", "match_precision_table", "metric_names", "overview_table",
+           "lower_is_better", "made_by", "markdown_table", "match_precision_table", "metric_names", "overview_table",
            "read_summary", "shown_labels", "summary_rows", "table_metrics", "variant_notes", "write_report",
            "write_summary"]

@@ -17,13 +17,18 @@ checkpoint (the trainer's exact resume), without it the runner refuses to start.
 recorded as failed with its error (``run.json``, ``error.log``) and the grid goes on; runs that start
 from a failed run's checkpoint are recorded as failed too. Everything that can be wrong with a recipe is
 checked before any data is generated or model trained.
+
+Each run's ``run.json`` records its ``provenance`` (:func:`otcbench.provenance.provenance`: the code
+fingerprint, versions, CPU class, threads, and ``wall_s`` / ``cpu_s``). A run made by other code (another
+fingerprint, or none recorded), finished or not, and every run that starts from it, is cleared and re-run
+from scratch, with one log line each, unless the plan keeps finished ones (``--keep-other-code``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
+import shutil
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -35,8 +40,8 @@ from rich.console import Console
 
 from otcbench import __version__
 from otcbench.bench.layout import ERROR_FILE, MARKER, RECIPE_COPY, SUMMARY, read_run_info, run_state, write_run_info
-from otcbench.bench.plan import Plan, RunSpec, plan_recipe, stable_hash
-from otcbench.bench.recipe import dump_recipe
+from otcbench.bench.plan import OTHER_CODE, RERUN_STATES, Plan, RunSpec, plan_recipe, recorded_code, stable_hash
+from otcbench.bench.recipe import RECIPE_DIR, dump_recipe
 from otcbench.errors import UserError
 from otcbench.progress import progress_bar, progress_enabled
 
@@ -65,13 +70,29 @@ class RunResult:
         return [o for o in self.outcomes if o.action == "failed"]
 
 
-def _prepare_out(plan: Plan, recipe_file: Path | None) -> None:
+def _recipe_source(recipe_file: Path | None) -> str | None:
+    """The recipe file as a record shows it: a shipped recipe by its name, else :func:`portable_path`."""
+    from otcbench.provenance import portable_path
+
+    if recipe_file is None:
+        return None
+    if recipe_file.resolve().parent == RECIPE_DIR.resolve():
+        return recipe_file.stem
+    return portable_path(recipe_file)
+
+
+def _prepare_out(plan: Plan, recipe_file: Path | None, command: str | None) -> None:
+    """Write ``results.json`` (recipe, how it was invoked, the invoking process's provenance; the ``runs``
+    block, written with the report, is kept) and ``recipe.yaml``."""
+    from otcbench.provenance import command_line, provenance
     from otcbench.train.checkpoint import atomic_write_text, write_json
 
     plan.out.mkdir(parents=True, exist_ok=True)
     marker = plan.out / MARKER
-    info = {"recipe": plan.recipe.name, "otcbench_version": __version__,
-            "recipe_file": str(recipe_file) if recipe_file else None}
+    source = _recipe_source(recipe_file)
+    info = {"recipe": plan.recipe.name, "otcbench_version": __version__, "recipe_file": source,
+            "command": command or command_line(["run", source or plan.recipe.name, "--out", str(plan.out)]),
+            "provenance": provenance(code=plan.code or None)}
     if marker.is_file():
         try:
             info = {**json.loads(marker.read_text()), **info}
@@ -116,14 +137,24 @@ def _one_line(err: BaseException) -> str:
 
 
 def _execute_run(run: RunSpec, recipe_name: str, eval_data: Path, keep_checkpoints: str, show_progress: bool,
-                 on_step: Callable[[Any], None] | None) -> tuple[str, float]:
-    """Train (or resume) and evaluate one run; returns (action, seconds of this attempt)."""
+                 on_step: Callable[[Any], None] | None, code: str = "") -> tuple[str, float]:
+    """Train (or resume) and evaluate one run; returns (action, seconds of this attempt).
+
+    ``run.json`` gets the run's provenance (``code``: the fingerprint of the planning process) when the attempt
+    starts, so an interrupted run knows what made its checkpoint, and again with the threads used, ``wall_s``
+    and ``cpu_s`` when it is done (this attempt's, plus what an earlier attempt recorded: one interrupted by
+    Ctrl-C or a failure records none, so ``seconds`` can be larger).
+    """
+    import torch
+
     from otcbench.defenses import build_defense
+    from otcbench.device import resolve_device
     from otcbench.eval.run import evaluate
+    from otcbench.provenance import cpu_seconds, provenance
     from otcbench.train.checkpoint import CHECKPOINT_DIR, LAST
     from otcbench.train.loop import Trainer
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
     run.dir.mkdir(parents=True, exist_ok=True)
     info = read_run_info(run.dir)
     attempts = list(info.get("attempts", []))
@@ -133,9 +164,12 @@ def _execute_run(run: RunSpec, recipe_name: str, eval_data: Path, keep_checkpoin
         "parent": run.parent, "resolved": run.resolved,
     }
     resume = (run.dir / "config.yaml").is_file() or (run.dir / CHECKPOINT_DIR / LAST).is_file()
+    before = info.get("provenance") if resume and isinstance(info.get("provenance"), dict) else {}
+    device = resolve_device(run.job.train.device)
+    prov = provenance(device, threads=run.job.train.threads, code=code or None)
     attempt: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "resumed": resume}
     write_run_info(run.dir, {**base, "status": "running", "seconds": info.get("seconds", 0.0),
-                             "attempts": [*attempts, attempt]})
+                             "attempts": [*attempts, attempt], "provenance": prov})
     (run.dir / ERROR_FILE).unlink(missing_ok=True)
     trainer = Trainer(run.job, run.dir, defense=build_defense(run.job.defense), resume=resume,
                       show_progress=show_progress, on_step=on_step)
@@ -148,10 +182,14 @@ def _execute_run(run: RunSpec, recipe_name: str, eval_data: Path, keep_checkpoin
         for f in (run.dir / CHECKPOINT_DIR).glob("epoch_*.pt"):
             f.unlink()
     seconds = time.perf_counter() - t0
+    cpu1 = cpu_seconds()
+    cpu_s = None if cpu0 is None or cpu1 is None else cpu1 - cpu0 + float(before.get("cpu_s") or 0.0)
+    prov.update(threads=torch.get_num_threads(), wall_s=round(seconds + float(before.get("wall_s") or 0.0), 2),
+                cpu_s=None if cpu_s is None else round(cpu_s, 2))
     attempt["seconds"] = round(seconds, 2)
     attempt["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_run_info(run.dir, {**base, "status": "done", "seconds": round(info.get("seconds", 0.0) + seconds, 2),
-                             "attempts": [*attempts, attempt]})
+                             "attempts": [*attempts, attempt], "provenance": prov})
     return ("resumed" if resumed else "trained"), seconds
 
 
@@ -185,11 +223,11 @@ def _worker_pool(jobs: int) -> Iterator[Any]:
         yield pool
 
 
-def _run_in_worker(run: RunSpec, recipe_name: str, eval_data: Path, keep_checkpoints: str) -> Outcome:
+def _run_in_worker(run: RunSpec, recipe_name: str, eval_data: Path, keep_checkpoints: str, code: str) -> Outcome:
     """One run in a worker process (``jobs > 1``): failures are recorded here, as in the main process."""
     t0 = time.perf_counter()
     try:
-        action, seconds = _execute_run(run, recipe_name, eval_data, keep_checkpoints, False, None)
+        action, seconds = _execute_run(run, recipe_name, eval_data, keep_checkpoints, False, None, code)
     except Exception as err:
         seconds = time.perf_counter() - t0
         _record_failure(run, err, seconds, traceback.format_exc())
@@ -219,12 +257,15 @@ def execute_plan(
     recipe_file: Path | None = None,
     plots: bool = True,
     on_step: Callable[[Any], None] | None = None,
+    command: str | None = None,
 ) -> RunResult:
     """Run every run of ``plan`` that is not done; write summary.csv, tables and plots.
 
     ``jobs > 1`` trains that many runs at once in worker processes (a run starts once the run it starts
-    from is done); each gets ``train.threads`` or an equal share of the CPU cores, which changes no run id.
+    from is done); each uses ``train.threads`` torch threads, whatever ``jobs`` and the number of cores.
+    Runs made by other code (:meth:`Plan.state`) are cleared first and re-run from scratch.
     ``on_step`` is passed to each trainer (tests use it to simulate an interruption; ``jobs=1`` only).
+    ``command``: the command line recorded in results.json (default: ``otcbench run RECIPE --out OUT``).
     A ``KeyboardInterrupt`` leaves the runs in progress resumable and propagates.
     """
     from otcbench.bench.report import write_report
@@ -232,14 +273,20 @@ def execute_plan(
     if jobs < 1:
         raise UserError(f"--jobs {jobs}: give at least 1")
     console = console or Console(stderr=True)
-    _prepare_out(plan, recipe_file)
-    states = {r.run_id: plan.state(r) for r in plan.runs}
-    pending = [r for r in plan.runs if states[r.run_id] != "done"]
-    outcomes: dict[str, Outcome] = {r.run_id: Outcome(r, "cached") for r in plan.runs if states[r.run_id] == "done"}
+    _prepare_out(plan, recipe_file, command)
     index = {r.run_id: i for i, r in enumerate(plan.runs, 1)}
 
     def log(msg: str) -> None:
         console.print(msg, highlight=False, markup=False)
+
+    states = {r.run_id: plan.state(r) for r in plan.runs}  # all before any directory is cleared
+    for r in plan.runs:
+        if states[r.run_id] in RERUN_STATES:
+            log(f"[{index[r.run_id]}/{len(plan.runs)}] {r.title}: {_rerun_reason(plan, r, states[r.run_id])}; "
+                "re-running it from scratch")
+            shutil.rmtree(r.dir)
+    pending = [r for r in plan.runs if states[r.run_id] != "done"]
+    outcomes: dict[str, Outcome] = {r.run_id: Outcome(r, "cached") for r in plan.runs if states[r.run_id] == "done"}
 
     def finish(o: Outcome, progress: Any, grid: Any) -> None:
         outcomes[o.run.run_id] = o
@@ -273,7 +320,8 @@ def execute_plan(
                         t0 = time.perf_counter()
                         try:
                             action, seconds = _execute_run(run, plan.recipe.name, plan.eval_data,
-                                                           plan.recipe.keep_checkpoints, show_progress, on_step)
+                                                           plan.recipe.keep_checkpoints, show_progress, on_step,
+                                                           plan.code)
                             o = Outcome(run, action, seconds)
                         except KeyboardInterrupt:
                             raise
@@ -295,6 +343,15 @@ def execute_plan(
     return RunResult(plan, ordered, plan.out / SUMMARY, table)
 
 
+def _rerun_reason(plan: Plan, run: RunSpec, state: str) -> str:
+    """Why a run is re-run, for its log line: the fingerprints, or the run it starts from."""
+    if state == OTHER_CODE:
+        old = recorded_code(run.dir)
+        return f"made by other code (code {old or 'not recorded'}, now {plan.code})"
+    parent = next(r for r in plan.runs if r.run_id == run.parent)
+    return f"starts from {parent.title}, which is re-run"
+
+
 def _start_priority(run: RunSpec, runs: list[RunSpec]) -> tuple[bool, float]:
     """Longest-first order for parallel runs: runs others start from, then by estimated cost.
 
@@ -313,11 +370,9 @@ def _execute_parallel(plan: Plan, pending: list[RunSpec], jobs: int, pool: Any, 
                       failed_parent: Callable[[RunSpec], Outcome | None], finish: Callable[[Outcome], None],
                       status: Callable[[str], None]) -> None:
     """Run ``pending`` in the ``jobs`` worker processes of ``pool``, each run once its parent is done."""
-    import os
     from concurrent.futures import FIRST_COMPLETED, Future, wait
     from concurrent.futures.process import BrokenProcessPool
 
-    share = max(1, (os.cpu_count() or 1) // jobs)
     waiting = sorted(pending, key=lambda r: _start_priority(r, pending), reverse=True)
     running: dict[Future, RunSpec] = {}
     try:
@@ -332,13 +387,9 @@ def _execute_parallel(plan: Plan, pending: list[RunSpec], jobs: int, pool: Any, 
                 if o is not None:
                     finish(o)
                     continue
-                if run.job.train.threads is None:
-                    run = copy.copy(run)
-                    run.job = run.job.model_copy(update={"train": run.job.train.model_copy(
-                        update={"threads": share})})
                 try:
                     fut = pool.submit(_run_in_worker, run, plan.recipe.name, plan.eval_data,
-                                      plan.recipe.keep_checkpoints)
+                                      plan.recipe.keep_checkpoints, plan.code)
                 except BrokenProcessPool:
                     raise UserError("a worker process died (out of memory?); run again with --resume, "
                                     "with fewer --jobs") from None

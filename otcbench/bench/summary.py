@@ -8,6 +8,11 @@ change from that defense's registered defaults (``safeclip (no warm-up, …)``,
 :func:`otcbench.defenses.labels.row_label`); ``variant_options`` holds every change as ``key=value``. A
 summary written before these columns existed gets them from the runs' ``run.json`` or the results
 directory's ``recipe.yaml`` (:func:`fill_variants`), else keeps the plain label.
+
+The provenance columns (:data:`PROVENANCE`) say what made each run (its ``run.json``): the code fingerprint,
+git commit, otcbench and torch versions, CPU model and class, torch threads, and what the run cost (``wall_s``,
+``cpu_s``); ``other_code`` is ``yes`` for a run kept from other code (``--keep-other-code``), whose row the
+tables mark ``‡``. :func:`made_by` turns them into the lines under every table.
 """
 
 from __future__ import annotations
@@ -26,10 +31,17 @@ from otcbench.errors import UserError
 if TYPE_CHECKING:
     from otcbench.bench.plan import Plan
 
-#: The first columns of summary.csv (DESIGN §9), then bookkeeping, then every metrics.json key.
+#: The first columns of summary.csv (docs/recipes.md), then bookkeeping, then every metrics.json key.
 HEAD = ["run_id", "attack", "defense", "seed", "status", "seconds"]
+#: What made each run and what it cost (from ``run.json``'s provenance): bookkeeping, never a table metric.
+PROVENANCE = ["code", "commit", "otcbench", "torch", "cpu", "isa", "threads", "wall_s", "cpu_s", "other_code"]
 META = ["attack_group", "defense_group", "defense_name", "variant", "variant_options", "sweep", "sweep_value",
-        "defense_sweep", "defense_sweep_value", "error"]
+        "defense_sweep", "defense_sweep_value", "error", *PROVENANCE]
+#: Text columns read as text even when a value looks like a number (a fingerprint or commit of digits only).
+_TEXT = ("attack", "defense", "status", "error", "sweep", "defense_sweep", "variant", "variant_options", "code",
+         "commit", "otcbench", "torch", "cpu", "isa", "other_code")
+#: The mark of a row made by other code in the tables and plots.
+OTHER_CODE_MARK = "‡"
 
 #: Accuracy columns (first) and defense columns (after the attack kinds' headline metrics) of the tables.
 ACCURACY_NAMES = {
@@ -113,6 +125,8 @@ def summary_rows(plan: Plan) -> list[dict[str, Any]]:
                               _swept_options([k for k, _ in run.defense.point])),
             "sweep": sweep, "sweep_value": sweep_value, "defense_sweep": dsweep, "defense_sweep_value": dsweep_value,
             "error": info.get("error", "") if status == "failed" else "",
+            **provenance_columns(info.get("provenance")),
+            "other_code": "yes" if state == "done" and plan.made_by_other_code(run) else "",
         }
         if state == "done":
             metrics = json.loads((run.dir / "metrics.json").read_text())
@@ -121,6 +135,19 @@ def summary_rows(plan: Plan) -> list[dict[str, Any]]:
             row.update({k: v for k, v in _flatten(metrics).items() if k not in row})
         rows.append(row)
     return rows
+
+
+def provenance_columns(prov: Any) -> dict[str, Any]:
+    """The summary's provenance columns of a run's ``run.json`` provenance block (empty without one)."""
+    from otcbench.provenance import short_commit
+
+    if not isinstance(prov, dict):
+        return {c: "" for c in PROVENANCE if c != "other_code"}
+    return {"code": prov.get("code") or "", "commit": short_commit(prov.get("commit"), prov.get("dirty")),
+            "otcbench": prov.get("otcbench") or "", "torch": prov.get("torch") or "", "cpu": prov.get("cpu") or "",
+            "isa": prov.get("isa") or "", "threads": prov.get("threads") or "",
+            "wall_s": "" if prov.get("wall_s") is None else prov["wall_s"],
+            "cpu_s": "" if prov.get("cpu_s") is None else prov["cpu_s"]}
 
 
 def _column_order(columns: list[str]) -> list[str]:
@@ -151,13 +178,13 @@ def read_summary(path: str | Path) -> pd.DataFrame:
     if not p.is_file():
         raise UserError(f"{p} does not exist; pass a results directory written by `otcbench run`")
     try:
-        df = pd.read_csv(p, keep_default_na=False, na_values=[""])
+        df = pd.read_csv(p, keep_default_na=False, na_values=[""], dtype={c: str for c in _TEXT})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise UserError(f"{p} is not a readable CSV ({type(err).__name__}); rebuild it with `otcbench run`") from None
     missing = [c for c in HEAD if c not in df.columns]
     if missing:
         raise UserError(f"{p} lacks the columns {', '.join(missing)}; it was not written by `otcbench run`")
-    for c in ("attack", "defense", "status", "error", "sweep", "defense_sweep", "variant", "variant_options"):
+    for c in _TEXT:
         if c in df.columns:
             df[c] = df[c].astype(object).where(df[c].notna(), "").astype(str)
     return df
@@ -219,15 +246,20 @@ def fill_variants(df: pd.DataFrame, results_dir: str | Path) -> pd.DataFrame:
 
 
 def shown_labels(df: pd.DataFrame) -> pd.DataFrame:
-    """The summary with each row's ``defense`` replaced by its ``variant`` label where it has one (what every
-    table and plot shows); idempotent."""
-    if "variant" not in df:
-        return df
-    variant = df["variant"].map(_text)
-    if (variant == "").all() or (variant == df["defense"]).all():
-        return df
-    df = df.copy()
-    df["defense"] = variant.where(variant != "", df["defense"])
+    """The summary with each row's ``defense`` replaced by its ``variant`` label where it has one, marked
+    ``‡`` when the run was made by other code (what every table and plot shows); idempotent."""
+    if "variant" in df:
+        variant = df["variant"].map(_text)
+        if not ((variant == "").all() or (variant == df["defense"]).all()):
+            df = df.copy()
+            df["defense"] = variant.where(variant != "", df["defense"])
+    if "other_code" in df:
+        other = df["other_code"].map(_text) == "yes"
+        if other.any():
+            labels = df["defense"].astype(str)
+            marked = labels.str.endswith(" " + OTHER_CODE_MARK)
+            df = df.copy()
+            df["defense"] = labels.where(~other | marked, labels + " " + OTHER_CODE_MARK)
     return df
 
 
@@ -240,3 +272,63 @@ def variant_notes(df: pd.DataFrame) -> list[str]:
         if v and opts and v not in seen:
             seen[v] = opts
     return [f"- {v}: {opts}" for v, opts in seen.items()]
+
+
+def _counts(done: pd.DataFrame, column: str) -> dict[str, int]:
+    """How many finished runs hold each value of ``column`` (most first, ties in row order; "not recorded"
+    for none)."""
+    from collections import Counter
+
+    if column not in done:
+        return {"not recorded": len(done)}
+    values = [_text(int(v) if isinstance(v, float) and v.is_integer() else v) or "not recorded" for v in done[column]]
+    return dict(Counter(values).most_common())
+
+
+def provenance_counts(df: pd.DataFrame) -> dict[str, Any]:
+    """Finished runs by code fingerprint, commit, CPU model, CPU class and thread count (results.json's
+    ``runs`` block)."""
+    done = df[df["status"] == "done"]
+    return {"done": len(done), **{c: _counts(done, c) for c in ("code", "commit", "cpu", "isa", "threads")}}
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def made_by(df: pd.DataFrame) -> list[str]:
+    """The lines under a table: what made its finished runs, e.g. ``made by otcbench 0.1.0 at 1a2b3c4 (code
+    9f8e7d6c5b4a), torch 2.5.1, Intel Xeon (AVX-512), 1 thread per run, 21 runs``; then a warning when they
+    mix code fingerprints, CPU classes or thread counts (their numbers then differ in more than the seed),
+    and the footnote of the ``‡`` rows. Empty when no run has finished."""
+    done = df[df["status"] == "done"] if "status" in df else df
+    if done.empty:
+        return []
+    if set(_counts(done, "code")) == {"not recorded"}:
+        return [f"made by: not recorded (summary.csv has no provenance for its {_plural(len(done), 'run')})"]
+
+    def shown(column: str) -> str:
+        return " / ".join(_counts(done, column))
+
+    commit = "" if set(_counts(done, "commit")) == {"not recorded"} else f" at {shown('commit')}"
+    cpus = " / ".join(dict.fromkeys(f"{_text(c) or 'CPU not recorded'} ({_text(i) or 'class not recorded'})"
+                                    for c, i in zip(done.get("cpu", [""] * len(done)),
+                                                    done.get("isa", [""] * len(done)), strict=True)))
+    threads = _counts(done, "threads")
+    per_run = f"{shown('threads')} thread{'' if list(threads) == ['1'] else 's'} per run"
+    lines = [f"made by otcbench {shown('otcbench')}{commit} (code {shown('code')}), torch {shown('torch')}, "
+             f"{cpus}, {per_run}, {_plural(len(done), 'run')}"]
+    mixed = []
+    for what, counts in (("code fingerprints", _counts(done, "code")), ("CPU classes", _counts(done, "isa")),
+                         ("thread counts", threads)):
+        if len(counts) > 1:
+            each = ", ".join(f"{value}: {_plural(n, 'run')}" for value, n in counts.items())
+            mixed.append(f"{len(counts)} {what} ({each})")
+    if mixed:
+        lines.append(f"**warning: mixed provenance**: {'; '.join(mixed)}. Runs of different code, CPU class or "
+                     "thread count differ in more than their seed; compare rows with care (summary.csv: code, "
+                     "isa, threads).")
+    if "other_code" in df and (df["other_code"].map(_text) == "yes").any():
+        lines.append(f"{OTHER_CODE_MARK} made by other code than the grid's (or starting from a run that was), "
+                     "kept with `--keep-other-code` (summary.csv: code, other_code).")
+    return lines

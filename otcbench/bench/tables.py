@@ -2,20 +2,22 @@
 match precision.
 
 One row per (attack, defense) in recipe order, one column per metric, mean ± sample std over the seeds that
-finished, in percent. Within each attack, the best value of each column is bold — lowest for attack success
-rates (↓), highest for accuracies and detection scores (↑). The overview holds the same results at a glance:
-one row per attack and ASR metric, one column per defense.
+finished, in percent. Within each attack, the best cell of a column (lowest for attack success rates ↓,
+highest for accuracies and detection scores ↑) is bold only when it beats the runner-up beyond the seed
+spread (:mod:`otcbench.bench.ranking`, one rule for every table here); the footer says why a column has no
+bold cell. The overview holds the same results at a glance: one row per attack and ASR metric, one column per
+defense.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Set as AbstractSet
 from typing import Any
 
 import pandas as pd
 
 from otcbench.attacks.kinds import overview_metrics
+from otcbench.bench.ranking import RULE, ColumnRanking, collapsed_rows, no_bold_lines, rank_table
 from otcbench.bench.summary import (
     HEAD,
     META,
@@ -42,7 +44,8 @@ def table_metrics(df: pd.DataFrame) -> list[str]:
 
 
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (attack, defense) in first-appearance order: n done / n planned, mean and std per metric."""
+    """One row per (attack, defense) in first-appearance order: n done / n planned, mean, std, count and the
+    per-seed values (a tuple, what the bold rule tests) per metric."""
     metrics = table_metrics(df)
     out = []
     for (attack, defense), g in df.groupby(["attack", "defense"], sort=False):
@@ -54,18 +57,21 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
             row[f"{m}_mean"] = float(vals.mean()) if len(vals) else math.nan
             row[f"{m}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else math.nan
             row[f"{m}_n"] = len(vals)
+            row[f"{m}_values"] = tuple(vals)
         out.append(row)
     return pd.DataFrame(out)
 
 
-def _is_fraction(df: pd.DataFrame, metric: str) -> bool:
+def is_fraction(df: pd.DataFrame, metric: str) -> bool:
+    """Whether ``metric`` is a fraction, shown in percent (every known metric; else all values in [0, 1])."""
     if metric in metric_names():
         return True
     vals = df[metric].dropna()
     return bool(len(vals)) and bool(((vals >= 0) & (vals <= 1)).all())
 
 
-def _fmt(mean: float, std: float, pct: bool, pm: str) -> str:
+def fmt_cell(mean: float, std: float, pct: bool, pm: str) -> str:
+    """``mean pm std`` (× 100 when ``pct``), "–" without a mean and no std with one seed."""
     if math.isnan(mean):
         return "–"
     scale = 100.0 if pct else 1.0
@@ -76,84 +82,65 @@ def _fmt(mean: float, std: float, pct: bool, pm: str) -> str:
     return text + (f" {pm} {std:.2g}" if not math.isnan(std) else "")
 
 
-def collapsed_rows(agg: pd.DataFrame, df: pd.DataFrame) -> set[int]:
-    """Rows whose mean clean zero-shot top-1 is below twice chance (1 / ``n_classes``).
-
-    Such a model recognises no class, the target included, so its low attack success is not a defense:
-    those rows are marked and never win a lower-is-better (ASR) column.
-    """
-    if "zeroshot_top1_mean" not in agg or "n_classes" not in df:
-        return set()
-    n_classes = pd.to_numeric(df["n_classes"], errors="coerce").dropna()
-    if not len(n_classes):
-        return set()
-    floor = 2.0 / float(n_classes.max())
-    return {int(i) for i, v in agg["zeroshot_top1_mean"].items() if not math.isnan(v) and v < floor}
-
-
-def _best(agg: pd.DataFrame, metric: str, excluded: AbstractSet[int] = frozenset()) -> set[int]:
-    """Row positions holding the best mean of ``metric`` within their attack (ties all win).
-
-    Rows in ``excluded`` (collapsed models) do not compete for lower-is-better metrics.
-    """
-    best: set[int] = set()
-    for _, g in agg.groupby("attack", sort=False):
-        vals = g[f"{metric}_mean"].dropna()
-        if lower_is_better(metric):
-            vals = vals[[i not in excluded for i in vals.index]]
-        if len(vals) < 2:
-            continue
-        target = vals.min() if lower_is_better(metric) else vals.max()
-        best.update(int(i) for i in vals.index[vals == target])
-    return best
-
-
 def _cells(df: pd.DataFrame, pm: str, bold: tuple[str, str]) -> tuple[list[str], list[list[str]], list[str]]:
-    """Header, body rows and metric keys shared by the markdown and LaTeX tables."""
+    """Header, body rows and the footer lines saying why a column has no bold cell, shared by the markdown
+    and LaTeX tables."""
     agg = aggregate(df)
     metrics = table_metrics(df)
     header = ["attack", "defense", "seeds"]
     for m in metrics:
         name = metric_names().get(m, m)
-        unit = " (%)" if _is_fraction(df, m) else ""
+        unit = " (%)" if is_fraction(df, m) else ""
         header.append(f"{name}{unit} {'↓' if lower_is_better(m) else '↑'}")
     body = []
     collapsed = collapsed_rows(agg, df)
-    bests = {m: _best(agg, m, collapsed) for m in metrics}
+    rankings = rank_table(agg, df, metrics)
     for i, r in agg.iterrows():
         seeds = f"{r['n_done']}/{r['n_runs']}" + (f" ({r['n_failed']} failed)" if r["n_failed"] else "")
         cells = [str(r["attack"]), str(r["defense"]) + (" †" if i in collapsed else ""), seeds]
         for m in metrics:
-            text = _fmt(r[f"{m}_mean"], r[f"{m}_std"], _is_fraction(df, m), pm)
-            if i in bests[m]:
+            text = fmt_cell(r[f"{m}_mean"], r[f"{m}_std"], is_fraction(df, m), pm)
+            if i in rankings[m].bold:
                 text = f"{bold[0]}{text}{bold[1]}"
             cells.append(text)
         body.append(cells)
-    return header, body, metrics
+    return header, body, no_bold_lines(rankings)
 
 
-NOTE = ("mean ± sample std over seeds, in %; seeds = finished/planned runs; best per attack in bold "
-        "(↓ lower is better, ↑ higher is better); † zero-shot below twice chance: a collapsed model, its ASRs "
-        "are not ranked")
+NOTE = ("mean ± sample std over seeds, in %; seeds = finished/planned runs; ↓ lower is better, ↑ higher is "
+        "better; † zero-shot below twice chance: a collapsed model, not ranked")
 
 
 def markdown_table(df: pd.DataFrame, title: str = "") -> str:
     """The attack × defense table in GitHub markdown (defense rows by their variant label, each variant's
     changed options listed under the table)."""
     df = shown_labels(df)
-    header, body, _ = _cells(df, "±", ("**", "**"))
+    header, body, no_bold = _cells(df, "±", ("**", "**"))
     lines = [f"### {title}", ""] if title else []
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---", "---", "---:"] + ["---:"] * (len(header) - 3)) + "|")
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
-    lines += ["", NOTE + "."]
+    lines += ["", NOTE + ".", "", RULE[0].upper() + RULE[1:] + ".", *(f"- {line}" for line in no_bold)]
     notes = variant_notes(df)
     if notes:
         lines += ["", "Options that differ from each defense's defaults:", *notes]
     failed = df[df["status"] == "failed"]
+    if len(failed):
+        lines.append("")  # its own list, apart from the footer's and the variants'
     for _, r in failed.iterrows():
         lines.append(f"- failed: {r['attack']} × {r['defense']} (seed {r['seed']}, run {r['run_id']}): {r['error']}")
     return "\n".join(lines) + "\n"
+
+
+def _overview_cell(r: pd.Series, metric: str, bold: bool, collapsed: bool) -> str:
+    text = fmt_cell(r[f"{metric}_mean"], r[f"{metric}_std"], True, "±")
+    if bold:
+        text = f"**{text}**"
+    if collapsed:
+        text += " †"
+    if r["n_done"] < r["n_runs"] and not math.isnan(r[f"{metric}_mean"]):
+        text += f" ({r['n_done']}/{r['n_runs']})"
+    return text
 
 
 def overview_table(df: pd.DataFrame, title: str = "") -> str:
@@ -162,39 +149,37 @@ def overview_table(df: pd.DataFrame, title: str = "") -> str:
     its finished runs.
 
     The full table says everything; this one is the picture a reader looks for first. A cell with fewer
-    finished than planned seeds carries ``(finished/planned)``; the best cell of a row is bold, and a
-    collapsed model (†, see :func:`collapsed_rows`) never wins an ASR row.
+    finished than planned seeds carries ``(finished/planned)``; bold follows the full table's rule
+    (:mod:`otcbench.bench.ranking`: a row's best cell, when it beats the runner-up beyond the seed spread;
+    a collapsed model, †, is never ranked), and the footer says why a row has no bold cell.
     """
     df = shown_labels(df)
     agg = aggregate(df)
     if agg.empty:
         return ""
-    metrics = set(table_metrics(df))
+    metrics = table_metrics(df)
     collapsed = collapsed_rows(agg, df)
+    rankings: dict[str, ColumnRanking] = rank_table(agg, df, metrics)
     defenses = list(dict.fromkeys(agg["defense"]))
     lines = [f"### {title}: at a glance" if title else "### at a glance", ""]
     lines.append("| attack | metric | " + " | ".join(defenses) + " |")
     lines.append("|---|---|" + "---:|" * len(defenses))
+    no_bold: dict[str, list[str]] = {}
     for attack, g in agg.groupby("attack", sort=False):
         # the ASR metrics the overview shows, one row each: each attack kind's first (for the attacks that have it)
         shown = [m for m in overview_metrics() if m in metrics and g[f"{m}_mean"].notna().any()]
         if not shown and "zeroshot_top1" in metrics:
             shown = ["zeroshot_top1"]
         for metric in shown:
-            best = _best(g, metric, collapsed)
-            cells = {}
-            for i, r in g.iterrows():
-                text = _fmt(r[f"{metric}_mean"], r[f"{metric}_std"], True, "±")
-                if i in best:
-                    text = f"**{text}**"
-                if i in collapsed:
-                    text += " †"
-                if r["n_done"] < r["n_runs"] and not math.isnan(r[f"{metric}_mean"]):
-                    text += f" ({r['n_done']}/{r['n_runs']})"
-                cells[r["defense"]] = text
+            ranking = rankings[metric]
+            cells = {r["defense"]: _overview_cell(r, metric, i in ranking.bold, i in collapsed)
+                     for i, r in g.iterrows()}
             name = metric_names().get(metric, metric) + (" ↓" if lower_is_better(metric) else " ↑")
             lines.append(f"| {str(attack).replace('|', chr(92) + '|')} | {name} | "
                          + " | ".join(cells.get(d, "") for d in defenses) + " |")
+            reason = ranking.reason([str(attack)])
+            if reason:
+                no_bold.setdefault(reason, []).append(f"{attack} {metric_names().get(metric, metric)}")
     if "zeroshot_top1" in metrics:
         done = df[df["status"] == "done"]
         means = []
@@ -202,8 +187,10 @@ def overview_table(df: pd.DataFrame, title: str = "") -> str:
             vals = done.loc[done["defense"] == d, "zeroshot_top1"].dropna().astype(float)
             means.append(f"{vals.mean() * 100:.1f} (n={len(vals)})" if len(vals) else "–")
         lines.append("| *all attacks* | zero-shot top-1 ↑ | " + " | ".join(means) + " |")
-    lines += ["", "In %: mean ± sample std over seeds; (finished/planned) marks a partial cell; best per row in "
-              "bold; the last row averages every finished run of the defense (n runs)."]
+    lines += ["", "In %: mean ± sample std over seeds; (finished/planned) marks a partial cell; the last row "
+              "averages every finished run of the defense (n runs), unranked.", "",
+              RULE[0].upper() + RULE[1:] + ".",
+              *(f"- nothing bold in {', '.join(rows)}: {reason}" for reason, rows in no_bold.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -218,10 +205,11 @@ def _tex(text: str) -> str:
 
 def latex_table(df: pd.DataFrame, title: str = "") -> str:
     """The same table as a booktabs ``tabular`` (``\\usepackage{booktabs}``)."""
-    header, body, _ = _cells(shown_labels(df), "\x00", ("\x01", "\x02"))
+    header, body, no_bold = _cells(shown_labels(df), "\x00", ("\x01", "\x02"))
     def cell(c: str) -> str:
         return _tex(c).replace("\x00", r"$\pm$").replace("\x01", r"\textbf{").replace("\x02", "}")
-    lines = [f"% {title}" if title else "% otcbench results", f"% {NOTE}",
+    lines = [f"% {title}" if title else "% otcbench results", f"% {NOTE}", f"% {RULE}",
+             *(f"% {line}" for line in no_bold),
              r"\begin{tabular}{ll" + "r" * (len(header) - 2) + "}", r"\toprule",
              " & ".join(cell(h) for h in header) + r" \\", r"\midrule"]
     prev = None
@@ -249,7 +237,7 @@ def match_precision_table(curves: pd.DataFrame) -> str:
     def cell(g: pd.DataFrame, score: str, col: str) -> str:
         v = g.loc[g["score"] == score, col].dropna()
         std = float(v.std()) if len(v) > 1 else math.nan
-        return "–" if v.empty else _fmt(float(v.mean()), std, True, "±")
+        return "–" if v.empty else fmt_cell(float(v.mean()), std, True, "±")
 
     groups = list(curves.groupby(["attack", "defense", "epoch"], sort=False))
     lines = ["### match precision: re-assigned captions that describe the image (%)", "",

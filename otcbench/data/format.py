@@ -1,4 +1,4 @@
-"""The on-disk pair-dataset and eval-set formats (DESIGN §4).
+"""The on-disk pair-dataset and eval-set formats (docs/architecture.md, "Formats").
 
 A *pair dataset* is a Hugging Face ``datasets.Dataset`` saved with ``save_to_disk`` plus ``otcbench.json``
 beside it, columns ``image`` (datasets.Image), ``caption``, ``label``, ``poison``, ``origin`` and optionally

@@ -1,4 +1,4 @@
-"""Attack success rates from a poisoned dataset's manifest (DESIGN §6, §8).
+"""Attack success rates from a poisoned dataset's manifest (definitions: docs/attacks.md).
 
 Each attack is evaluated by its kind (:mod:`otcbench.attacks.kinds`: ``targeted``, ``backdoor``, …), which also
 names the headline metrics it fills (``asr_targeted``, ``asr_backdoor``, ``asr_backdoor_probe``, …).

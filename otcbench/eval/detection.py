@@ -1,4 +1,4 @@
-"""Poison-detection metrics of a data-side defense step (DESIGN §4, §8).
+"""Poison-detection metrics of a data-side defense step (metrics.json keys: docs/defenses.md).
 
 A matching or filtering defense acts on some pairs (a caption replaced, a pair put in the risky set) and
 scores every pair (higher = more likely clean). Given the ground-truth poison flags of the dataset this

@@ -233,7 +233,7 @@ def ot_distance_matrix(x: Tensor, y: Tensor, x_mask: Tensor | None = None, y_mas
 def token_weights(tokens: Tensor, global_feat: Tensor, mask: Tensor | None = None, *,
                   temperature: float = 0.1) -> Tensor:
     """Marginal weights [B, n] from token-to-global similarity: ``softmax_i(cos(t_i, g) / temperature)`` over
-    the real tokens (zero on padding), detached float32 — DESIGN §7's alternative to uniform marginals.
+    the real tokens (zero on padding), detached float32 — the option to uniform marginals for OTCCLIP's OT distance.
 
     ``temperature`` is otcbench's choice (the paper's value is not public): 0.1 spreads weights over the
     tokens that agree with the global embedding without collapsing onto one.

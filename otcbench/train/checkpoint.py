@@ -5,16 +5,13 @@ from __future__ import annotations
 import errno
 import json
 import os
-import platform
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-import otcbench
 from otcbench.errors import UserError
 
 #: A run directory's checkpoints: ``CHECKPOINT_DIR/LAST`` (latest) and ``CHECKPOINT_DIR/epoch_NNN.pt``.
@@ -51,33 +48,14 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def environment_info(device: torch.device) -> dict[str, Any]:
-    """Versions, git commit and device: the run directory's ``env.json``."""
-    import open_clip
+    """The run directory's ``env.json``: :func:`otcbench.provenance.provenance` of this process (versions, code
+    fingerprint, CPU class, GPU, torch threads) with the git state as ``git_commit`` / ``git_dirty``, and the
+    device. No absolute paths."""
+    from otcbench.provenance import provenance
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(otcbench.__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    info: dict[str, Any] = {
-        "otcbench": otcbench.__version__,
-        "git_commit": commit,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-        "platform": platform.platform(),
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        info["cuda_device"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
+    info = provenance(device, threads=torch.get_num_threads())
+    return {"otcbench": info.pop("otcbench"), "git_commit": info.pop("commit") or "",
+            "git_dirty": info.pop("dirty"), **info, "device": str(device)}
 
 
 def write_json(path: Path, obj: Any) -> None:

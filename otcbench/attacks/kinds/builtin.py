@@ -1,4 +1,4 @@
-"""The two built-in attack kinds (DESIGN §6, §8), registered in this order (their headline metrics' order).
+"""The two built-in attack kinds (docs/attacks.md), registered in this order (their headline metrics' order).
 
 * ``targeted``: fraction of the manifest's target images whose zero-shot top-1 is their adversarial class
   (``asr_targeted``);
