@@ -45,6 +45,7 @@ FINGERPRINT_EXCLUDED = (
     "bench/logs.py",
     "bench/detector_table.py",
     "bench/compare.py",
+    "bench/ranking.py",
     "bench/launch.py",
     "bench/ot_bench.py",
     "bench/train_bench.py",

@@ -205,6 +205,11 @@ class Recipe(Options):
         "results/<name>) that `otcbench run` compares its table with (`otcbench report --compare`); no run id "
         "depends on it"
     )
+    launcher: dict[str, Any] = Field(
+        default_factory=dict, description="options of `otcbench run --launcher` (partition, GPUs and CPUs per run, "
+        "time limit, memory: docs/scale.md), validated by the launcher before anything is submitted; no run id "
+        "depends on them"
+    )
 
     @field_validator("name")
     @classmethod
