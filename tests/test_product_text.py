@@ -36,7 +36,8 @@ NAME_PATTERN = re.compile(rf"(?i)({_I}|{_S})s?_?[0-9]|this_{_S}")
 
 
 def _shipped_files() -> list[Path]:
-    files = [ROOT / "README.md", ROOT / "results" / "README.md", ROOT / "Dockerfile", ROOT / "pyproject.toml"]
+    files = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "results" / "README.md", ROOT / "Dockerfile",
+             ROOT / "pyproject.toml"]
     for folder in ("docs", "otcbench", "benchmarks", ".ci"):
         base = ROOT / folder
         if base.is_dir():

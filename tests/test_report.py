@@ -127,7 +127,7 @@ def test_plots_are_valid_pngs(tmp_path: Path) -> None:
         "\n".join(json.dumps({"type": "step", "step": s, "epoch": 0, "loss": 4.0 / s}) for s in range(1, 6))
         + '\n{"type": "epoch", "epoch": 0, "step": 5, "loss": 2.0}\n{"torn')
     files = write_plots(read_summary(out), out)
-    assert sorted(p.name for p in files) == ["asr_vs_accuracy.png", "asr_vs_rate.png", "curves.png"]
+    assert sorted(p.name for p in files) == ["asr_vs_accuracy.png", "asr_vs_rate.png", "curves.png", "summary.png"]
     for p in files:
         with Image.open(p) as img:
             img.verify()

@@ -8,6 +8,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from otcbench.errors import UserError
 
@@ -30,7 +31,8 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except UserError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            # escaped: a message may hold brackets (pip extras, YAML lists) that rich would read as markup
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=err.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")

@@ -57,7 +57,7 @@ def data_show(
     data: Annotated[Path, typer.Argument(help="Pair dataset or eval set directory.")],
     out: Annotated[Path | None, typer.Option("--out", help="PNG path (default ./<name>-samples.png).")] = None,
     n: Annotated[int, typer.Option("-n", help="Samples in the grid.")] = 32,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Which samples the grid shows.")] = 0,
     as_json: Annotated[bool, flag("--json", help="Print the stats as JSON.")] = False,
 ) -> None:
     """Print dataset stats and write a PNG grid of samples with captions (poisoned rows marked).

@@ -19,11 +19,13 @@ def train(
     out: Annotated[Path, typer.Argument(help="Run directory to write.")],
     defense: Annotated[str, typer.Option("--defense", help="Defense (see `otcbench list defenses`).")] = "none",
     model: Annotated[str | None, typer.Option("--model", help="open_clip model name.")] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs")] = None,
+    epochs: Annotated[int | None, typer.Option(
+        "--epochs", help="Training epochs (default: train.epochs, 8).")] = None,
     init: Annotated[Path | None, typer.Option("--init", help="Start from this checkpoint.")] = None,
     resume: Annotated[bool, flag("--resume", help="Continue the run in OUT.")] = False,
     config: Annotated[Path | None, typer.Option("--config", help="YAML file of options.")] = None,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    seed: Annotated[int | None, typer.Option(
+        "--seed", help="Training seed: initialisation, data order, augmentation (default: train.seed, 0).")] = None,
     set_: SetOpt = None,
     no_progress: Annotated[bool, flag("--no-progress", help="No progress bars (shown on a terminal only).")] = False,
 ) -> None:
@@ -96,7 +98,7 @@ def poison_cmd(
     attack: Annotated[list[str], typer.Option("--attack", help="Attack name (repeat for several).")],
     set_: SetOpt = None,
     seed: Annotated[int, typer.Option("--seed", help="Poisoning seed.")] = 0,
-    overwrite: Annotated[bool, flag("--overwrite")] = False,
+    overwrite: Annotated[bool, flag("--overwrite", help="Replace an existing OUT.")] = False,
 ) -> None:
     """Poison a pair dataset with one or several attacks; writes the poisoned copy and its manifest.
 
