@@ -80,6 +80,16 @@ def write_report(out: str | Path, *, plan: Plan | None = None, plots: bool = Tru
     return md
 
 
+def main_table(out: str | Path) -> str:
+    """A results directory's main table as the README quotes it: the per-(attack, defense) table of ``table.md``
+    without its title, then what made its runs; recomputed from ``summary.csv`` alone, so a quoted table that
+    no longer equals its results is caught (tests/test_readme_table.py)."""
+    out = Path(out)
+    df = fill_variants(read_summary(out), out)
+    body = markdown_table(df, recipe_name(out)).split("\n", 1)[1].strip()  # the title line is the README's
+    return body + "\n" + "".join(f"\n{line}\n" for line in made_by(df))
+
+
 def _record_runs(out: Path, df: pd.DataFrame) -> None:
     """results.json's ``runs`` block (only where results.json marks the directory)."""
     import json
