@@ -92,3 +92,20 @@ def trained_metrics(trained_run: Path, tiny_world: Path) -> dict[str, Any]:
 
 def pytest_report_header(config: pytest.Config) -> str:
     return f"otcbench tests: torch {torch.__version__}, {os.cpu_count()} cpus"
+
+
+@pytest.fixture
+def count_fits(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The run directory of every ``Trainer.fit`` call of the test, in order: which runs a grid really trained
+    (a cached run is not fitted)."""
+    from otcbench.train.loop import Trainer
+
+    calls: list[Path] = []
+    real = Trainer.fit
+
+    def fit(self: Trainer) -> Path:
+        calls.append(self.out)
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    return calls

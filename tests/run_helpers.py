@@ -42,8 +42,6 @@ TINY_RECIPE_TRAIN = {"epochs": 1, "batch_size": 64, "threads": 1, "device": "cpu
 def tiny_recipe(tmp_path: Path, data: Path, **over: Any) -> Path:
     """A recipe file on the pair dataset ``data`` (used in place): the clean entry, plain CLIP and a fine-tune
     that starts from it (``ft``), one seed, no linear probe; ``over`` replaces top-level keys."""
-    import yaml
-
     raw: dict[str, Any] = {
         "name": "tiny",
         "data": {"path": str(data)},
@@ -53,7 +51,13 @@ def tiny_recipe(tmp_path: Path, data: Path, **over: Any) -> Path:
         "eval": {"linear_probe": False},
         "seeds": [0],
     }
-    raw.update(over)
+    return write_recipe(tmp_path, raw, **over)
+
+
+def write_recipe(tmp_path: Path, raw: dict[str, Any], **over: Any) -> Path:
+    """``raw`` with ``over`` replacing its top-level keys, written to ``tmp_path/recipe.yaml``."""
+    import yaml
+
     p = tmp_path / "recipe.yaml"
-    p.write_text(yaml.safe_dump(raw, sort_keys=False))
+    p.write_text(yaml.safe_dump({**raw, **over}, sort_keys=False))
     return p

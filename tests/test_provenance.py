@@ -35,7 +35,6 @@ from otcbench.provenance import (
     normalise_source,
     provenance,
 )
-from otcbench.train.loop import Trainer
 
 cli = CliRunner()
 PROVENANCE_KEYS = {"otcbench", "commit", "dirty", "code", "python", "torch", "open_clip", "pot", "cpu",
@@ -173,20 +172,6 @@ def test_report_writes_the_footer_under_every_table_and_counts_runs(tmp_path: Pa
 # the run cache, keyed by the code that made a run
 
 
-@pytest.fixture
-def fits(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """The run directory of every Trainer.fit call."""
-    calls: list[Path] = []
-    real = Trainer.fit
-
-    def fit(self: Trainer) -> Path:
-        calls.append(self.out)
-        return real(self)
-
-    monkeypatch.setattr(Trainer, "fit", fit)
-    return calls
-
-
 def run(path: Path, out: Path, *, resume: bool = False, keep_other_code: bool = False, **kw: Any) -> RunResult:
     recipe, f = load_recipe(path)
     plan = plan_recipe(recipe, out, resume=resume, keep_other_code=keep_other_code)
@@ -201,7 +186,7 @@ def set_code(run_dir: Path, code: str) -> None:
 
 
 @pytest.mark.slow
-def test_run_made_by_other_code_is_rerun_unless_kept(tmp_path: Path, tiny_world: Path, fits: list[Path]) -> None:
+def test_run_made_by_other_code_is_rerun_unless_kept(tmp_path: Path, tiny_world: Path, count_fits: list[Path]) -> None:
     path = tiny_recipe(tmp_path, tiny_world)
     out = tmp_path / "res"
     first = run(path, out)
@@ -236,9 +221,9 @@ def test_run_made_by_other_code_is_rerun_unless_kept(tmp_path: Path, tiny_world:
     assert r.exit_code == 0 and r.output.count("kept)") == 2  # "done (other code, kept)", wrapped in its cell
 
     # kept on request: nothing trains, and the tables mark both rows and say the code is mixed
-    fits.clear()
+    count_fits.clear()
     kept = run(path, out, keep_other_code=True)
-    assert [o.action for o in kept.outcomes] == ["cached", "cached"] and fits == []
+    assert [o.action for o in kept.outcomes] == ["cached", "cached"] and count_fits == []
     assert "| clean | none ‡" in kept.table_md and "| clean | ft ‡" in kept.table_md  # († at 1 epoch)
     assert "‡ made by other code" in kept.table_md
     assert "**warning: mixed provenance**: 2 code fingerprints" in kept.table_md
@@ -250,7 +235,7 @@ def test_run_made_by_other_code_is_rerun_unless_kept(tmp_path: Path, tiny_world:
     text = one_line(r.output)
     assert f"clean × none (seed 0): made by other code (code 000000000000, now {code}); re-running it" in text
     assert "clean × ft (seed 0): starts from clean × none (seed 0), which is re-run; re-running it" in text
-    assert "2 runs (2 trained)" in text and fits == [parent.dir, child.dir]
+    assert "2 runs (2 trained)" in text and count_fits == [parent.dir, child.dir]
     assert json.loads((parent.dir / RUN_FILE).read_text())["provenance"]["code"] == code
     assert "‡" not in (out / "table.md").read_text()
     marker = json.loads((out / MARKER).read_text())

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from run_helpers import TINY_RECIPE_TRAIN, write_recipe
 from typer.testing import CliRunner
 
 from otcbench.bench.recipe import load_recipe
@@ -30,7 +30,6 @@ from otcbench.train.loop import Trainer
 pytestmark = pytest.mark.slow  # every test here trains (pytest -m "not slow": the quick loop)
 
 SYNTH = dict(n_train=384, probe_train_per_class=6, probe_val_per_class=3, test_per_class=6, seed=0)
-TRAIN = {"epochs": 1, "batch_size": 64, "threads": 1, "device": "cpu", "log_every": 1}
 cli = CliRunner()
 
 
@@ -41,34 +40,17 @@ def recipe_file(tmp_path: Path, **over: Any) -> Path:
         "attacks": ["none", {"badnet": {"rate": 0.05}}],
         "defenses": ["none", {"name": "none", "label": "ft", "init_from": "none", "data": "clean",
                               "train": {"lr": 1e-12, "weight_decay": 0.0}}],
-        "train": dict(TRAIN),
+        "train": dict(TINY_RECIPE_TRAIN),
         "eval": {"linear_probe": False},
         "seeds": [0],
     }
-    raw.update(over)
-    p = tmp_path / "recipe.yaml"
-    p.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return p
+    return write_recipe(tmp_path, raw, **over)
 
 
 def run(path: Path, out: Path, *, resume: bool = False, overrides: list[str] | None = None, **kw: Any):
     recipe, f = load_recipe(path, overrides)
     plan = plan_recipe(recipe, out, resume=resume)
     return execute_plan(plan, show_progress=False, recipe_file=f, **kw)
-
-
-@pytest.fixture
-def count_fits(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Path]]:
-    """Records the run directory of every Trainer.fit call."""
-    calls: list[Path] = []
-    real = Trainer.fit
-
-    def fit(self: Trainer) -> Path:
-        calls.append(self.out)
-        return real(self)
-
-    monkeypatch.setattr(Trainer, "fit", fit)
-    yield calls
 
 
 def test_grid_outputs_dependencies_and_cache(tmp_path: Path, count_fits: list[Path],
@@ -148,7 +130,8 @@ def test_grid_outputs_dependencies_and_cache(tmp_path: Path, count_fits: list[Pa
 
 
 def test_interrupted_run_resumes_without_redoing_finished_runs(tmp_path: Path, count_fits: list[Path]) -> None:
-    path = recipe_file(tmp_path, attacks=["none"], train={**TRAIN, "epochs": 2, "checkpoint_every_steps": 2},
+    path = recipe_file(tmp_path, attacks=["none"],
+                       train={**TINY_RECIPE_TRAIN, "epochs": 2, "checkpoint_every_steps": 2},
                        defenses=["none", {"name": "none", "label": "ft", "init_from": "none",
                                           "train": {"lr": 1e-4}}])
     out = tmp_path / "res"
@@ -294,7 +277,7 @@ def test_parallel_runs_start_parents_then_the_longest_first(tmp_path: Path) -> N
     path = recipe_file(tmp_path, attacks=["none"], defenses=[
         {"name": "none", "label": "short", "train": {"epochs": 1}},
         {"name": "none", "label": "ft", "init_from": "none", "train": {"epochs": 1}},
-        "none", "otcclip"], train={**TRAIN, "epochs": 2})
+        "none", "otcclip"], train={**TINY_RECIPE_TRAIN, "epochs": 2})
     plan = plan_recipe(load_recipe(path)[0], tmp_path / "out")
     order = sorted(plan.runs, key=lambda r: _start_priority(r, plan.runs), reverse=True)
     # `none` is started from by `ft`: first; then otcclip (costlier per epoch than plain CLIP); then by epochs
@@ -303,7 +286,7 @@ def test_parallel_runs_start_parents_then_the_longest_first(tmp_path: Path) -> N
     # the unimodal loss on the risky 15 % encodes two views either way)
     path = recipe_file(tmp_path, attacks=["none"], defenses=[
         {"name": "safeclip", "options": {"unimodal_epochs": 0, "slow_epochs": 1},
-         "sweep": {"options.cross_aug": [False, True]}}], train={**TRAIN, "epochs": 2})
+         "sweep": {"options.cross_aug": [False, True]}}], train={**TINY_RECIPE_TRAIN, "epochs": 2})
     runs = plan_recipe(load_recipe(path)[0], tmp_path / "sweep").runs
     costs = {r.defense.label: _start_priority(r, runs)[1] for r in runs}
     assert costs == pytest.approx({"safeclip cross_aug=False": 1 + (0.85 + 0.15 * 2),

@@ -56,10 +56,9 @@ def write_report(out: str | Path, *, plan: Plan | None = None, plots: bool = Tru
         df = write_summary(summary_rows(plan), out / SUMMARY)
         title = plan.recipe.name
     else:
-        df = fill_variants(read_summary(out), out)
-        title = recipe_name(out)
+        df, title = _read(out)
     lines = made_by(df)
-    footer = "".join(f"\n{line}\n" for line in lines)  # one paragraph each
+    footer = _footer(lines)
     md = markdown_table(df, title) + footer
     overview = overview_table(df, title)
     if overview:
@@ -84,10 +83,19 @@ def main_table(out: str | Path) -> str:
     """A results directory's main table as the README quotes it: the per-(attack, defense) table of ``table.md``
     without its title, then what made its runs; recomputed from ``summary.csv`` alone, so a quoted table that
     no longer equals its results is caught (tests/test_readme_table.py)."""
-    out = Path(out)
-    df = fill_variants(read_summary(out), out)
-    body = markdown_table(df, recipe_name(out)).split("\n", 1)[1].strip()  # the title line is the README's
-    return body + "\n" + "".join(f"\n{line}\n" for line in made_by(df))
+    df, title = _read(Path(out))
+    body = markdown_table(df, title).split("\n", 1)[1].strip()  # the title line is the README's
+    return body + "\n" + _footer(made_by(df))
+
+
+def _read(out: Path) -> tuple[pd.DataFrame, str]:
+    """A results directory's summary (with its variant labels) and its recipe's name, the tables' title."""
+    return fill_variants(read_summary(out), out), recipe_name(out)
+
+
+def _footer(lines: list[str]) -> str:
+    """The lines under a markdown table (:func:`made_by`), one paragraph each."""
+    return "".join(f"\n{line}\n" for line in lines)
 
 
 def _record_runs(out: Path, df: pd.DataFrame) -> None:
