@@ -19,6 +19,7 @@ from pydantic import (
     PositiveFloat,
     SerializerFunctionWrapHandler,
     ValidationError,
+    field_validator,
     model_serializer,
     model_validator,
 )
@@ -101,7 +102,8 @@ class ModelConfig(Options):
 #: ``train`` options that change how a run executes, never what it computes: a run resumes across a change of
 #: them, and the recipe runner leaves them out of run ids. ``threads`` changes the order of float sums, so
 #: the last bits: each run records its count in its provenance and the report flags a table mixing counts.
-RESULT_NEUTRAL_TRAIN_KEYS = ("device", "threads", "num_workers", "data_mode", "max_bad_fraction", "log_every")
+RESULT_NEUTRAL_TRAIN_KEYS = ("device", "threads", "num_workers", "data_mode", "max_bad_fraction", "log_every",
+                             "report_to")
 
 
 class TrainConfig(Options):
@@ -143,7 +145,24 @@ class TrainConfig(Options):
         0, ge=0, description="also write last.pt every N steps inside an epoch (0: only at epoch end)"
     )
     log_every: int = Field(10, ge=1, description="steps between log.jsonl lines")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="also send log.jsonl's metrics to these: tensorboard (RUN/tensorboard), "
+        "wandb (offline, RUN/wandb); a list or a comma-separated string, as open_clip's --report-to"
+    )
     max_logit_scale: float = Field(100.0, gt=0, description="clamp of the learnable temperature")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_list(cls, value: Any) -> Any:
+        # `--set train.report_to=tensorboard,wandb` arrives as one string (open_clip's form): split it; each name
+        # is then checked against the Literal, so a typo is a one-line error naming the allowed sinks
+        if value is None:
+            return []
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = list(dict.fromkeys(value))  # a sink named twice reports once
+        return value
 
 
 class DefenseConfig(Options):

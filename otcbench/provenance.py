@@ -31,7 +31,8 @@ PACKAGE_DIR = Path(otcbench.__file__).resolve().parent
 #: only present results or drive commands and cannot change what a run computes, so editing them must not
 #: re-run a grid. The CLI and its commands parse arguments into options, and options already enter run ids;
 #: ``render``/``progress`` print; the report modules read finished runs; ``ot_bench``/``train_bench`` are
-#: micro-benchmarks no run imports; this module describes runs. Names that do not exist are harmless.
+#: micro-benchmarks no run imports; ``train/reporting`` mirrors log records to TensorBoard/wandb;
+#: this module describes runs. Names that do not exist are harmless.
 FINGERPRINT_EXCLUDED = (
     "cli.py",
     "commands/",
@@ -49,6 +50,7 @@ FINGERPRINT_EXCLUDED = (
     "bench/launch.py",
     "bench/ot_bench.py",
     "bench/train_bench.py",
+    "train/reporting.py",
 )
 
 #: Hex digits kept of the fingerprint (as run ids keep 12).

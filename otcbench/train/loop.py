@@ -3,7 +3,8 @@
 AdamW (no decay on norms, biases, embeddings' scale), linear warm-up + cosine, learnable temperature
 clamped at ``train.max_logit_scale``, bf16 autocast on CUDA, per-step seeding so that a resumed run
 replays exactly what an uninterrupted run would have done, atomic checkpoints (per epoch, and every
-``checkpoint_every_steps``), ``log.jsonl`` and a rich progress display.
+``checkpoint_every_steps``), ``log.jsonl`` (mirrored to TensorBoard/wandb with ``train.report_to``) and a rich
+progress display.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from otcbench.train.checkpoint import (
 from otcbench.train.data import LoaderOptions, TrainData, load_for_model
 from otcbench.train.losses import clip_loss
 from otcbench.train.order import epoch_order, step_seed
+from otcbench.train.reporting import make_reporters
 from otcbench.train.schedule import cosine_lr, warmup_steps
 
 # re-exported: their historical import path (tests, notebooks)
@@ -116,6 +118,9 @@ class Trainer:
 
         # Everything that can fail on bad input is checked here, before any long work.
         self._check_run_dir()
+        # every process checks the sinks' packages (so all fail alike, before the process group forms); only
+        # rank 0 ever writes to them (log returns early elsewhere), and nothing is written before the first record
+        self.reporter = make_reporters(self.cfg.report_to, self.out, job.model_dump(mode="json"))
         distributed.init_distributed(self.device.type)
         # a class registered by hand (a test's) may lack the registry's `name`: only a known mismatch is an error
         given = getattr(defense, "name", job.defense.name) if defense is not None else job.defense.name
@@ -243,6 +248,7 @@ class Trainer:
             return
         with open(self.out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        self.reporter.log(record, self.global_step)  # train.report_to: the same record as scalars
 
     # ----------------------------------------------------------------------------------------------
     # steps
@@ -368,6 +374,7 @@ class Trainer:
                     progress.update(ep_task, completed=self.epoch)
         finally:
             self.data.close()  # streaming workers end with the run, not at garbage collection
+            self.reporter.close()  # flushes the event files / wandb run, also when training fails
         distributed.barrier()
         return self.ckpt_dir / LAST
 
