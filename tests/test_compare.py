@@ -74,6 +74,18 @@ def test_compare_cells_inside_and_outside_the_spread_and_cells_in_one_table(pair
     assert only_ref["ref_n"] == 3 and math.isnan(only_ref["diff"]) and only_ref["within"] is None
 
 
+def test_a_reference_row_kept_from_other_code_is_the_same_cell(pair: tuple[Path, Path]) -> None:
+    # the reference's tables mark such a row "none ‡"; the comparison must still pair it with this run's "none"
+    this, ref = pair
+    df = pd.read_csv(ref / "summary.csv")
+    df["other_code"] = ["yes" if d == "none" else "" for d in df["defense"]]
+    df.to_csv(ref / "summary.csv", index=False)
+    table = compare_results(this, ref)
+    assert not table["defense"].str.contains("‡").any()
+    none = cell(table, "none", "asr_backdoor")
+    assert none["present"] == "both" and none["within"] is True
+
+
 def test_report_compare_prints_the_comparison(pair: tuple[Path, Path]) -> None:
     this, ref = pair
     r = cli.invoke(app, ["report", str(this), "--compare", str(ref)])

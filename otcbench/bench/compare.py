@@ -19,7 +19,14 @@ import pandas as pd
 
 from otcbench.bench.layout import SUMMARY
 from otcbench.bench.ranking import ALPHA, welch_p
-from otcbench.bench.summary import fill_variants, lower_is_better, metric_names, read_summary, shown_labels
+from otcbench.bench.summary import (
+    OTHER_CODE_MARK,
+    fill_variants,
+    lower_is_better,
+    metric_names,
+    read_summary,
+    shown_labels,
+)
 from otcbench.bench.tables import aggregate, fmt_cell, is_fraction, table_metrics
 from otcbench.errors import UserError
 
@@ -48,7 +55,9 @@ def _cells(df: pd.DataFrame) -> dict[tuple[str, str, str], tuple[tuple[float, ..
     for _, r in agg.iterrows():  # the table's row order, each row's metrics in column order
         for m, pct in metrics.items():
             if r[f"{m}_n"]:
-                out[(str(r["attack"]), str(r["defense"]), m)] = (tuple(r[f"{m}_values"]), pct)
+                # a row kept from other code shows "label ‡": it is still the same cell as the other side's label
+                defense = str(r["defense"]).removesuffix(" " + OTHER_CODE_MARK)
+                out[(str(r["attack"]), defense, m)] = (tuple(r[f"{m}_values"]), pct)
     return out
 
 
