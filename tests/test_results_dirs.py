@@ -44,6 +44,15 @@ def test_results_json_says_what_made_it(d: Path) -> None:
 
 @pytest.mark.parametrize("d", [p for p in DIRS if json.loads((p / "results.json").read_text()).get("provenance")],
                          ids=lambda p: p.name)
+def test_summary_of_a_directory_with_provenance_names_no_absolute_path(d: Path) -> None:
+    # the checkpoint, eval-set and poisoned-set columns are relative to the results (or working) directory
+    text = (d / "summary.csv").read_text()
+    absolute = [c for line in text.splitlines()[1:] for c in line.split(",") if c.startswith("/") or c[1:3] == ":\\"]
+    assert not absolute, f"{d.name}/summary.csv holds absolute paths: {absolute[:3]}"
+
+
+@pytest.mark.parametrize("d", [p for p in DIRS if json.loads((p / "results.json").read_text()).get("provenance")],
+                         ids=lambda p: p.name)
 def test_a_results_directory_holds_one_code_version(d: Path) -> None:
     prov = json.loads((d / "results.json").read_text())["provenance"]
     df = pd.read_csv(d / "summary.csv", dtype={"code": str})

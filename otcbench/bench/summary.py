@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,9 @@ DEFENSE_NAMES = {
     "poison_repaired": "poisons repaired",
     "clean_repaired": "clean repaired",
 }
+#: metrics.json keys that hold paths (the checkpoint, the eval and poisoned sets): summary.csv writes them
+#: relative to the results directory, as :func:`portable_path` says.
+PATH_COLUMNS = ("checkpoint", "eval_data", "poison_data")
 #: Numeric metrics.json keys that are bookkeeping, not results (never in tables).
 NOT_RESULTS = {"n_test", "n_classes", "linear_probe_c", "eval_seconds"}
 
@@ -132,9 +136,26 @@ def summary_rows(plan: Plan) -> list[dict[str, Any]]:
             metrics = json.loads((run.dir / "metrics.json").read_text())
             if "seconds" in metrics:  # the evaluation's own time; `seconds` is the whole run's
                 metrics["eval_seconds"] = metrics.pop("seconds")
-            row.update({k: v for k, v in _flatten(metrics).items() if k not in row})
+            flat = _flatten(metrics)
+            for key in PATH_COLUMNS:
+                if isinstance(flat.get(key), str):
+                    flat[key] = portable_path(flat[key], plan.out)
+            row.update({k: v for k, v in flat.items() if k not in row})
         rows.append(row)
     return rows
+
+
+def portable_path(value: str, out: Path) -> str:
+    """``value`` relative to the results directory ``out``, else to the working directory, when it lies inside
+    one of them (posix); otherwise unchanged. A committed summary.csv then names no machine's directories."""
+    path = Path(value)
+    if not path.is_absolute():
+        return value
+    for base in (out, Path.cwd()):
+        rel = os.path.relpath(path, Path(base).absolute())
+        if not rel.startswith(".."):
+            return Path(rel).as_posix()
+    return value
 
 
 def provenance_columns(prov: Any) -> dict[str, Any]:
