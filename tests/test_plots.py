@@ -108,3 +108,15 @@ def test_write_plots_adds_the_summary_and_match_plot_from_the_committed_csv(tmp_
     pd.DataFrame(match).to_csv(out / "match_precision.csv", index=False)  # no run logs: a committed directory
     names = sorted(p.name for p in write_plots(df, out))
     assert names == ["asr_vs_accuracy.png", "match_precision.png", "summary.png"]
+
+
+def test_a_legend_group_longer_than_the_defenses_stays_in_one_column(tmp_path: Path, figures: list[Any]) -> None:
+    # four attacks under three defenses: the attack group (its header and four markers) must not wrap
+    df = rows(("a1", "a2", "a3", "a4"), seeds=1, clean=False)
+    assert plot_asr_vs_accuracy(df, tmp_path / "a.png")
+    (legend,) = figures[0].legends
+    texts = [t.get_text() for t in legend.get_texts()]
+    per_column = len(texts) // legend._ncols
+    columns = {t: i // per_column for i, t in enumerate(texts)}
+    assert len({columns[t] for t in ("attack:", "a1", "a2", "a3", "a4")}) == 1
+    assert len({columns[t] for t in ("defense:", "none", "safeclip [a]", "roclip")}) == 1

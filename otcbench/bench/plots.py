@@ -134,7 +134,7 @@ def _grouped(groups: list[tuple[str, list]]) -> tuple[list, int]:
     from matplotlib.lines import Line2D
 
     groups = [([Line2D([], [], ls="", label=f"{name}:")] if name else []) + hs for name, hs in groups if hs]
-    rows = max(4, len(groups[0]))
+    rows = max(4, *(len(hs) for hs in groups))  # each group in one column: a long attack list never wraps
     out = []
     for hs in groups:
         out += hs + [Line2D([], [], ls="", label=" ")] * (-len(hs) % rows)
