@@ -175,10 +175,10 @@ def plot_detectors(df: pd.DataFrame, path: Path) -> bool:
     scores = list(dict.fromkeys(df["score"]))
     colours = _colours(scores)
     # an attack label shared by every group ("a+b: a", "a+b: b", "a+b: all") goes into the title once
-    prefix = columns[0].split(": ")[0] + ": " if all(": " in c for c in columns) else ""
-    if not prefix or not all(c.startswith(prefix) for c in columns):
-        prefix = ""
+    head = columns[0].split(": ")[0] + ": "
+    prefix = head if all(c.startswith(head) for c in columns) else ""
     ticks = [c[len(prefix):] for c in columns]
+    long_ticks = max(map(len, ticks)) > 12
     fig, axes = plt.subplots(2, 1, figsize=(max(6.5, 1.3 * len(columns) * max(1, len(scores)) / 3), 8.0))
     width = 0.8 / max(1, len(scores))
     for ax, metric, label in zip(axes, ("auroc", "precision_at_n"), ("AUROC", "precision@poison-count"),
@@ -196,8 +196,8 @@ def plot_detectors(df: pd.DataFrame, path: Path) -> bool:
         if metric == "auroc":
             ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance (AUROC 0.5)")
         ax.set_xticks(range(len(columns)))
-        ax.set_xticklabels(ticks, rotation=15 if max(map(len, ticks)) > 12 else 0,
-                           ha="right" if max(map(len, ticks)) > 12 else "center", fontsize=8)
+        ax.set_xticklabels(ticks, rotation=15 if long_ticks else 0, ha="right" if long_ticks else "center",
+                           fontsize=8)
         ax.set_ylim(0, 1.02)
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
@@ -205,8 +205,7 @@ def plot_detectors(df: pd.DataFrame, path: Path) -> bool:
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.935), fontsize=8,
                ncol=min(3, len(names)), frameon=False)
-    attack = f"{prefix[:-2]}: " if prefix else ""
-    fig.suptitle(f"{attack}poisoned-pair detection by the undefended model's scores\n"
+    fig.suptitle(f"{prefix}poisoned-pair detection by the undefended model's scores\n"
                  "(mean over seeds, error bars min–max)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.89))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -133,14 +133,13 @@ class Reporter:
             sink.close()
 
 
-def make_reporters(names: list[str] | str, out_dir: str | Path, config: dict[str, Any]) -> Reporter:
-    """One :class:`Reporter` for ``names`` (``train.report_to``) of the run in ``out_dir``.
+def make_reporters(names: list[str], out_dir: str | Path, config: dict[str, Any]) -> Reporter:
+    """One :class:`Reporter` for ``names`` (``train.report_to``, which TrainConfig has already split from a
+    comma-separated string) of the run in ``out_dir``.
 
     Raises :class:`otcbench.errors.UserError` (one line) for an unknown sink or one whose package is missing.
     ``config``: the run's resolved options, recorded by wandb.
     """
-    if isinstance(names, str):
-        names = [n.strip() for n in names.split(",") if n.strip()]
     out = Path(out_dir)
     sinks: list[_Sink] = []
     for name in dict.fromkeys(names):
