@@ -102,10 +102,16 @@ def test_shipped_recipes_parse_and_their_registered_methods_validate() -> None:
     fine, _ = load_recipe("finegrained")
     assert fine.seeds == [0, 1, 2] and fine.data.synth is not None and fine.data.synth.world == "compositional"
     assert {"none", "roclip", "otcclip", "otcclip+filter", "safeclip"} <= {d.spec.name for d in expand_defenses(fine)}
-    relabel, _ = load_recipe("adaptive-relabel")  # adaptive-relabel against the finegrained defenses and options
+    # the seed paper's question on a learnt world: 16 epochs, OT and global matching side by side, and the
+    # binding-sensitive attack in the same grid
+    assert fine.train.epochs == 16 and fine.model.name == "otc-rn-grid"
+    assert [d.label for d in expand_defenses(fine)] == ["none", "roclip", "safeclip", "otcclip", "otcclip global",
+                                                         "otcclip+filter"]
+    assert [a.label for a in expand_attacks(fine)] == ["clean", "targeted+badnet+describe", "relabel-25"]
+    assert grid_size(fine) == 39
+    relabel, _ = load_recipe("adaptive-relabel")  # the 5-epoch adaptive-relabel grid of results/adaptive-relabel
     assert {a for e in expand_attacks(relabel) for a in e.attacks} == {"adaptive-relabel"}
-    assert [(d.label, d.options) for d in expand_defenses(relabel)] == [(d.label, d.options)
-                                                                        for d in expand_defenses(fine)]
+    assert relabel.train.epochs == 5
     real, _ = load_recipe("cc3m-rn50")
     assert real.requires.gpu and real.data.path == "data/cc3m"
 
