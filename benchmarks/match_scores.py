@@ -7,12 +7,16 @@ overlap and the shape overlap (``otcbench/eval/matching.py``). The data must car
 compositional world). Used for docs/otcclip.md §9:
 
     python benchmarks/match_scores.py WORLD OUT --checkpoint RUN_A --checkpoint RUN_B \\
-        --setting 0.5,5 --setting 0,5 --setting 0,50
+        --setting 0.5,5 --setting 0,5 --setting 0,50 [--csv match_scores.csv]
+
+``--csv`` writes the rows (one per checkpoint and setting: ``exact_*``, ``binding_*`` and ``shape_*`` of each
+pick, in %) for a results directory; a finished setting is read back from OUT instead of recomputed.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -49,6 +53,18 @@ def score_settings(world: Path, out: Path, checkpoints: list[Path], settings: li
     return rows
 
 
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """The rows as CSV: checkpoint, alpha, top_k, then exact / binding / shape overlap of each pick (in %)."""
+    cols = ["checkpoint", "alpha", "top_k",
+            *(f"{stat}_{key}" for stat in ("exact", "binding", "shape") for _, key in PICKS)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: (f"{r[c]:.4f}" if isinstance(r[c], float) and c != "alpha" else r[c]) for c in cols})
+
+
 def table(rows: list[dict[str, Any]]) -> Table:
     """The rows as one rich table: binding overlap (exact composition, shape overlap) per pick."""
     t = Table(title="caption picks: binding overlap % (exact composition %, shape overlap %)")
@@ -67,6 +83,7 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, action="append", required=True, help="run directory (repeat)")
     p.add_argument("--setting", action="append", default=None, help="ALPHA,TOP_K (repeat; default 0.5,5)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--csv", type=Path, default=None, help="also write the rows to this CSV file")
     a = p.parse_args()
     settings = []
     for item in a.setting or ["0.5,5"]:
@@ -76,6 +93,8 @@ def main() -> None:
         except ValueError:
             p.error(f"--setting {item!r}: use ALPHA,TOP_K, e.g. 0.5,5")
     rows = score_settings(a.world, a.out, a.checkpoint, settings)
+    if a.csv is not None:
+        write_csv(rows, a.csv)
     if a.json:
         print(json.dumps(rows, indent=2))
     else:

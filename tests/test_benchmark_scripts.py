@@ -33,3 +33,42 @@ def test_benchmark_script_imports_resolve(script: Path) -> None:
 
 def test_there_are_benchmark_scripts() -> None:
     assert {"openclip_trainer.py"} <= {p.name for p in SCRIPTS}
+
+
+def test_match_scores_rows_and_csv(tmp_path: Path, trained_run: Path) -> None:
+    """benchmarks/match_scores.py on a compositional world: one row per checkpoint and setting, the three picks'
+    statistics in %, written to CSV and read back unchanged; a finished setting is read back, not recomputed."""
+    import csv
+    import importlib.util
+
+    from otcbench.config import SynthConfig
+    from otcbench.data.synth import write_world
+
+    spec = importlib.util.spec_from_file_location("match_scores", SCRIPTS[0].parent / "match_scores.py")
+    assert spec is not None and spec.loader is not None
+    ms = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ms)
+
+    world = tmp_path / "world"
+    write_world(world, SynthConfig(n_train=96, world="compositional", probe_train_per_class=2,
+                                   probe_val_per_class=1, test_per_class=2, seed=0))
+    rows = ms.score_settings(world, tmp_path / "scores", [trained_run], [(0.5, 5), (0.0, 5)])
+    assert [(r["checkpoint"], r["alpha"], r["top_k"]) for r in rows] == [(trained_run.name, 0.5, 5),
+                                                                         (trained_run.name, 0.0, 5)]
+    for r in rows:
+        for _, key in ms.PICKS:
+            for stat in ("exact", "binding", "shape"):
+                assert 0.0 <= r[f"{stat}_{key}"] <= 100.0
+            # a binding is a (shape, colour) pair: sharing one needs sharing its shape
+            assert r[f"binding_{key}"] <= r[f"shape_{key}"] + 1e-6
+    # the random pick does not depend on the score: the same derangement at both settings
+    assert rows[0]["binding_random"] == rows[1]["binding_random"]
+    out = tmp_path / "match_scores.csv"
+    ms.write_csv(rows, out)
+    back = list(csv.DictReader(out.open()))
+    assert len(back) == 2 and back[0]["checkpoint"] == trained_run.name
+    assert float(back[1]["binding_global"]) == pytest.approx(rows[1]["binding_global"], abs=1e-4)
+    stamp = (tmp_path / "scores" / f"{trained_run.name}-a0.5-k5" / "defend.json").stat().st_mtime_ns
+    again = ms.score_settings(world, tmp_path / "scores", [trained_run], [(0.5, 5)])
+    assert again == rows[:1]
+    assert (tmp_path / "scores" / f"{trained_run.name}-a0.5-k5" / "defend.json").stat().st_mtime_ns == stamp
