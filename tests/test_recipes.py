@@ -102,9 +102,9 @@ def test_shipped_recipes_parse_and_their_registered_methods_validate() -> None:
     fine, _ = load_recipe("finegrained")
     assert fine.seeds == [0, 1, 2] and fine.data.synth is not None and fine.data.synth.world == "compositional"
     assert {"none", "roclip", "otcclip", "otcclip+filter", "safeclip"} <= {d.spec.name for d in expand_defenses(fine)}
-    # the seed paper's question on a learnt world: 16 epochs, OT and global matching side by side, and the
+    # the seed paper's question on a learnt world: 24 epochs, OT and global matching side by side, and the
     # binding-sensitive attack in the same grid
-    assert fine.train.epochs == 16 and fine.model.name == "otc-rn-grid"
+    assert fine.train.epochs == 24 and fine.model.name == "otc-rn-grid" and fine.data.synth.min_objects == 1
     assert [d.label for d in expand_defenses(fine)] == ["none", "roclip", "safeclip", "otcclip", "otcclip global",
                                                          "otcclip+filter"]
     assert [a.label for a in expand_attacks(fine)] == ["clean", "targeted+badnet+describe", "relabel-25"]
