@@ -9,8 +9,9 @@ compositional world). Used for docs/otcclip.md §9:
     python benchmarks/match_scores.py WORLD OUT --checkpoint RUN_A --checkpoint RUN_B \\
         --setting 0.5,5 --setting 0,5 --setting 0,50 [--csv match_scores.csv]
 
-``--csv`` writes the rows (one per checkpoint and setting: ``exact_*``, ``binding_*`` and ``shape_*`` of each
-pick, in %) for a results directory; a finished setting is read back from OUT instead of recomputed.
+``--csv`` writes the rows (one per checkpoint and setting: the run's attack, defense and seed when it is a
+grid's run, then ``exact_*``, ``binding_*`` and ``shape_*`` of each pick, in %) for a results directory; a
+finished setting is read back from OUT instead of recomputed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +32,20 @@ from otcbench.defenses.defend import run_defend
 PICKS = (("OT score", "ot"), ("global", "global"), ("random", "random"))
 
 
+def run_label(run_dir: Path) -> dict[str, Any]:
+    """attack, defense and seed of an `otcbench run` grid's run (from its run.json); empty strings otherwise."""
+    info = run_dir / "run.json"
+    meta = json.loads(info.read_text()) if info.is_file() else {}
+    return {key: meta.get(key, "") for key in ("attack", "defense", "seed")}
+
+
 def score_settings(world: Path, out: Path, checkpoints: list[Path], settings: list[tuple[float, int]],
-                   ) -> list[dict[str, Any]]:
-    """One defend run per checkpoint × (alpha, top_k); rows of the three picks' match statistics (in %)."""
+                   keep: bool = False) -> list[dict[str, Any]]:
+    """One defend run per checkpoint × (alpha, top_k); rows of the three picks' match statistics (in %).
+
+    Each run's report stays in ``OUT/<checkpoint>-a<alpha>-k<top_k>/defend.json``; its re-paired dataset is
+    deleted unless ``keep``.
+    """
     rows = []
     for ck in checkpoints:
         for alpha, top_k in settings:
@@ -43,8 +56,12 @@ def score_settings(world: Path, out: Path, checkpoints: list[Path], settings: li
             else:
                 report = run_defend(world, dest, defense="otcclip", checkpoint=ck,
                                     options={"alpha": alpha, "top_k": top_k}, show_progress=False)
+                if not keep:  # the re-paired dataset is a copy of the world: keep only the reports
+                    for item in dest.iterdir():
+                        if item.suffix != ".json":
+                            shutil.rmtree(item) if item.is_dir() else item.unlink()
             s = report["summary"]
-            row: dict[str, Any] = {"checkpoint": ck.name, "alpha": alpha, "top_k": top_k}
+            row: dict[str, Any] = {"checkpoint": ck.name, **run_label(ck), "alpha": alpha, "top_k": top_k}
             for _, key in PICKS:
                 row[f"exact_{key}"] = 100 * s[f"match_precision_{key}"]
                 row[f"binding_{key}"] = 100 * s[f"match_overlap_{key}"]
@@ -55,7 +72,7 @@ def score_settings(world: Path, out: Path, checkpoints: list[Path], settings: li
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     """The rows as CSV: checkpoint, alpha, top_k, then exact / binding / shape overlap of each pick (in %)."""
-    cols = ["checkpoint", "alpha", "top_k",
+    cols = ["checkpoint", "attack", "defense", "seed", "alpha", "top_k",
             *(f"{stat}_{key}" for stat in ("exact", "binding", "shape") for _, key in PICKS)]
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
@@ -84,6 +101,7 @@ def main() -> None:
     p.add_argument("--setting", action="append", default=None, help="ALPHA,TOP_K (repeat; default 0.5,5)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--csv", type=Path, default=None, help="also write the rows to this CSV file")
+    p.add_argument("--keep", action="store_true", help="keep each setting's re-paired dataset (a copy of WORLD)")
     a = p.parse_args()
     settings = []
     for item in a.setting or ["0.5,5"]:
@@ -92,7 +110,7 @@ def main() -> None:
             settings.append((float(alpha), int(k)))
         except ValueError:
             p.error(f"--setting {item!r}: use ALPHA,TOP_K, e.g. 0.5,5")
-    rows = score_settings(a.world, a.out, a.checkpoint, settings)
+    rows = score_settings(a.world, a.out, a.checkpoint, settings, keep=a.keep)
     if a.csv is not None:
         write_csv(rows, a.csv)
     if a.json:

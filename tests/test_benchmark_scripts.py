@@ -67,7 +67,13 @@ def test_match_scores_rows_and_csv(tmp_path: Path, trained_run: Path) -> None:
     ms.write_csv(rows, out)
     back = list(csv.DictReader(out.open()))
     assert len(back) == 2 and back[0]["checkpoint"] == trained_run.name
+    assert back[0]["defense"] == "" and ms.run_label(trained_run) == {"attack": "", "defense": "", "seed": ""}
+    (tmp_path / "grid_run").mkdir()  # a grid's run names its attack, defense and seed in run.json
+    (tmp_path / "grid_run" / "run.json").write_text('{"attack": "clean", "defense": "none", "seed": 2}')
+    assert ms.run_label(tmp_path / "grid_run") == {"attack": "clean", "defense": "none", "seed": 2}
     assert float(back[1]["binding_global"]) == pytest.approx(rows[1]["binding_global"], abs=1e-4)
+    kept = sorted(p.name for p in (tmp_path / "scores" / f"{trained_run.name}-a0.5-k5").iterdir())
+    assert kept and all(name.endswith(".json") for name in kept)  # the re-paired copy of the world is gone
     stamp = (tmp_path / "scores" / f"{trained_run.name}-a0.5-k5" / "defend.json").stat().st_mtime_ns
     again = ms.score_settings(world, tmp_path / "scores", [trained_run], [(0.5, 5)])
     assert again == rows[:1]
