@@ -122,3 +122,57 @@ def test_the_clean_reference_is_not_ranked() -> None:
     assert md.count("**") == 2 and "| badnet | none | 3/3 | **91.0 ± 1.0** |" in md
     assert "† rows and the clean reference are not ranked" in md
     assert "| clean | zero-shot top-1 ↑ | 95.3 ± 0.6 | 51.0 ± 1.0 |" in overview_table(df)
+
+
+# --------------------------------------------------------------------------------------------------
+# the OT score's pick against the global score's, seed by seed (a paired rule: both picks come from one run)
+
+
+def test_paired_p_on_hand_built_differences() -> None:
+    from otcbench.bench.ranking import paired_p
+
+    assert paired_p([0.0, 0.0, 0.0], "greater") == 1.0  # no difference at all: a tie
+    assert paired_p([0.5, 0.5, 0.5], "greater") == 0.0 and paired_p([0.5, 0.5, 0.5], "less") == 1.0
+    assert paired_p([1.0, 2.0, 3.0], "greater") < 0.05  # t = 3.46 with 2 degrees of freedom: p = 0.037
+    assert paired_p([1.0, -1.0, 0.5], "greater") > 0.05
+    with pytest.raises(ValueError, match="two seeds"):
+        paired_p([1.0], "greater")
+
+
+def curves(per_seed: dict[str, list[tuple[float, float]]], epochs: tuple[int, ...] = (3, 5)) -> pd.DataFrame:
+    """match_precision rows of one otcclip run per seed: ``per_seed[score][seed]`` = (precision, overlap) at every
+    matching, plus the random caption's and the assignment trained on."""
+    from otcbench.bench.logs import MATCH_COLUMNS
+
+    rows = []
+    for score, values in per_seed.items():
+        for seed, (precision, overlap) in enumerate(values):
+            for epoch in epochs:
+                rows.append((f"run{seed}", "relabel", "otcclip", seed, epoch, score, precision, 100, overlap, 0.2))
+    return pd.DataFrame(rows, columns=MATCH_COLUMNS)
+
+
+def test_ot_vs_global_table_verdicts() -> None:
+    from otcbench.bench.tables import match_precision_table, ot_vs_global, ot_vs_global_table
+
+    ahead = curves({"ot": [(0.10, 0.30), (0.12, 0.33), (0.11, 0.35)],
+                    "global": [(0.08, 0.27), (0.09, 0.30), (0.10, 0.31)],
+                    "random": [(0.01, 0.03)] * 3, "used": [(0.10, 0.30)] * 3})
+    per_seed = ot_vs_global(ahead)
+    assert list(per_seed["matchings"]) == [2, 2, 2]
+    assert per_seed["binding_ot"].tolist() == pytest.approx([0.30, 0.33, 0.35])
+    text = ot_vs_global_table(ahead)
+    row = next(line for line in text.splitlines() if line.startswith("| relabel | otcclip |"))
+    # binding overlap 32.7 ± 2.5 against 29.3 ± 2.1; OT ahead by 3, 3 and 4 points on the three seeds
+    assert "32.7 ± 2.5" in row and "29.3 ± 2.1" in row and "+3.0 / +3.0 / +4.0" in row and "**OT ahead**" in row
+    assert text in match_precision_table(ahead)  # the summary heads the epoch-by-epoch tables
+
+    tie = curves({"ot": [(0.10, 0.30), (0.10, 0.28), (0.10, 0.33)],
+                  "global": [(0.10, 0.31), (0.10, 0.30), (0.10, 0.29)]})
+    assert "within the seed spread" in ot_vs_global_table(tie)  # -1, -2, +4: neither ahead beyond the spread
+    behind = curves({"ot": [(0.1, 0.20), (0.1, 0.21), (0.1, 0.19)], "global": [(0.1, 0.22), (0.1, 0.24), (0.1, 0.23)]})
+    assert "**global ahead**" in ot_vs_global_table(behind)
+    one = curves({"ot": [(0.1, 0.4)], "global": [(0.1, 0.2)]})
+    assert "| one seed |" in ot_vs_global_table(one)
+    # runs that log one pick only (score=global) are left out; no such run at all: no table
+    assert ot_vs_global_table(curves({"global": [(0.1, 0.2)] * 3, "used": [(0.1, 0.2)] * 3})) == ""

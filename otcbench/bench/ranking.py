@@ -66,6 +66,22 @@ def welch_p(a: Sequence[float], b: Sequence[float], alternative: str = "two-side
         return float(ttest_ind(x, y, equal_var=False, alternative=alternative).pvalue)
 
 
+def paired_p(diffs: Sequence[float], alternative: str) -> float:
+    """p-value of the one-sample t-test of per-seed differences against 0 (``greater``: above 0; ``less``):
+    two measures of the same runs compared seed by seed. Needs two values or more; differences without any
+    spread decide for certain (p = 0 in their direction, 1 otherwise; all zero: p = 1)."""
+    d = np.asarray(diffs, dtype=float)
+    if len(d) < 2:
+        raise ValueError("a paired t-test needs two seeds or more")
+    if np.ptp(d) == 0:
+        if math.isclose(d[0], 0.0, abs_tol=1e-12):
+            return 1.0
+        return 0.0 if (d[0] > 0) == (alternative == "greater") else 1.0
+    from scipy.stats import ttest_1samp
+
+    return float(ttest_1samp(d, 0.0, alternative=alternative).pvalue)
+
+
 def beats(best: Sequence[float], other: Sequence[float], lower: bool) -> str:
     """:data:`BOLD` when ``best`` beats ``other`` beyond the seed spread (lower values better when ``lower``),
     else why not (:data:`ONE_SEED`, :data:`SPREAD`)."""
