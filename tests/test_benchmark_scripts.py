@@ -78,3 +78,20 @@ def test_match_scores_rows_and_csv(tmp_path: Path, trained_run: Path) -> None:
     again = ms.score_settings(world, tmp_path / "scores", [trained_run], [(0.5, 5)])
     assert again == rows[:1]
     assert (tmp_path / "scores" / f"{trained_run.name}-a0.5-k5" / "defend.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS[0].parent.glob("*.sh")), ids=lambda p: p.name)
+def test_benchmark_shell_scripts_parse_and_run_otcbench_commands(script: Path) -> None:
+    """Every shell script under benchmarks/ parses (bash -n) and is executable; each otcbench subcommand it
+    calls exists."""
+    import os
+    import re
+    import subprocess
+
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0, script.name
+    assert os.access(script, os.X_OK), f"{script.name} is not executable"
+    from otcbench.cli import app  # the typer app: its registered command names
+
+    names = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
+    for cmd in re.findall(r"\$OTC (\w+)", script.read_text()):
+        assert cmd in names, f"{script.name} calls `otcbench {cmd}`, which does not exist"
