@@ -230,6 +230,13 @@ def latex_table(df: pd.DataFrame, title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pct_cell(values: pd.Series) -> str:
+    """Mean ± sample std over seeds of fractions, in %; "–" without a value, no std with one."""
+    v = values.dropna()
+    std = float(v.std()) if len(v) > 1 else math.nan
+    return "–" if v.empty else fmt_cell(float(v.mean()), std, True, "±")
+
+
 def ot_vs_global(curves: pd.DataFrame) -> pd.DataFrame:
     """Per attack, defense and seed: the mean over the run's matchings of the OT score's and the global score's
     picks (``exact_ot``, ``exact_global``: match precision; ``binding_ot``, ``binding_global``: binding overlap;
@@ -263,7 +270,7 @@ def _verdict(diffs: list[float]) -> str:
 def ot_vs_global_table(curves: pd.DataFrame) -> str:
     """Markdown: the OT score's pick against the global score's over every matching of a run, seed by seed —
     the answer to "does OT re-pair better than global?" in one row per attack and defense."""
-    per_seed = ot_vs_global(curves) if not curves.empty else pd.DataFrame()
+    per_seed = ot_vs_global(curves)
     if per_seed.empty:
         return ""
     has_binding = per_seed["binding_ot"].notna().any()
@@ -272,14 +279,10 @@ def ot_vs_global_table(curves: pd.DataFrame) -> str:
              "| attack | defense | seeds | matchings | exact: OT | exact: global | binding: OT | binding: global "
              f"| {measure}, OT − global, per seed | verdict |", "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for (attack, defense), g in per_seed.groupby(["attack", "defense"], sort=False):
-        def cell(col: str, g: pd.DataFrame = g) -> str:
-            v = g[col].dropna()
-            return "–" if v.empty else fmt_cell(float(v.mean()), float(v.std()) if len(v) > 1 else math.nan,
-                                                  True, "±")
         diffs = [100 * float(d) for d in (g[f"{measure}_ot"] - g[f"{measure}_global"]) if not math.isnan(d)]
-        lines.append(f"| {attack} | {defense} | {len(g)} | {g['matchings'].mean():.0f} | {cell('exact_ot')} | "
-                     f"{cell('exact_global')} | {cell('binding_ot')} | {cell('binding_global')} | "
-                     + " / ".join(f"{d:+.1f}" for d in diffs) + f" | {_verdict(diffs)} |")
+        cells = [_pct_cell(g[col]) for col in ("exact_ot", "exact_global", "binding_ot", "binding_global")]
+        lines.append(f"| {attack} | {defense} | {len(g)} | {g['matchings'].mean():.0f} | " + " | ".join(cells)
+                     + " | " + " / ".join(f"{d:+.1f}" for d in diffs) + f" | {_verdict(diffs)} |")
     lines += ["", "Each seed's value is the mean over the run's matchings of what each score alone picked at the "
               "same matching (the tables below, epoch by epoch); mean ± sample std over seeds. Verdict: the "
               f"per-seed differences tested against 0 (paired t-test over seeds, one-sided, p < {ALPHA:g}); "
@@ -300,9 +303,7 @@ def match_precision_table(curves: pd.DataFrame) -> str:
     scores = ("used", "ot", "global", "random")
 
     def cell(g: pd.DataFrame, score: str, col: str) -> str:
-        v = g.loc[g["score"] == score, col].dropna()
-        std = float(v.std()) if len(v) > 1 else math.nan
-        return "–" if v.empty else fmt_cell(float(v.mean()), std, True, "±")
+        return _pct_cell(g.loc[g["score"] == score, col])
 
     groups = list(curves.groupby(["attack", "defense", "epoch"], sort=False))
     summary = ot_vs_global_table(curves)
