@@ -109,9 +109,12 @@ def test_shipped_recipes_parse_and_their_registered_methods_validate() -> None:
                                                          "otcclip+filter"]
     assert [a.label for a in expand_attacks(fine)] == ["clean", "targeted+badnet+describe", "relabel-25"]
     assert grid_size(fine) == 39
-    relabel, _ = load_recipe("adaptive-relabel")  # the 5-epoch adaptive-relabel grid of results/adaptive-relabel
+    relabel, _ = load_recipe("adaptive-relabel")  # against the defenses and options of results/finegrained's grid
     assert {a for e in expand_attacks(relabel) for a in e.attacks} == {"adaptive-relabel"}
-    assert relabel.train.epochs == 5
+    fine5, _ = load_recipe(Path(__file__).resolve().parent.parent / "results" / "finegrained" / "recipe.yaml")
+    assert relabel.train.epochs == fine5.train.epochs == 5
+    assert [(d.label, d.options) for d in expand_defenses(relabel)] == [(d.label, d.options)
+                                                                        for d in expand_defenses(fine5)]
     real, _ = load_recipe("cc3m-rn50")
     assert real.requires.gpu and real.data.path == "data/cc3m"
 
