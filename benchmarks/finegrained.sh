@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The finegrained grid and its offline comparisons (docs/otcclip.md §9, docs/findings.md):
+# The finegrained grids and their offline comparisons (docs/otcclip.md §9, docs/findings.md):
 #
-#   benchmarks/finegrained.sh                         # OUT=out/finegrained
+#   benchmarks/finegrained.sh                                   # OUT=out/finegrained
+#   RECIPE=finegrained-relabel benchmarks/finegrained.sh        # OUT=out/finegrained-relabel
 #   OUT=/tmp/fg NICE="nice -n 15" benchmarks/finegrained.sh
 #
-# 1. `otcbench run finegrained` (39 runs, resumable: run the script again after an interruption);
+# 1. `otcbench run RECIPE` (21 runs, resumable: run the script again after an interruption);
 # 2. `otcbench detect`: the OT own-pair score against the global own-pair score (and SafeCLIP's, k-NN, DAO) as
 #    detectors of the poisoned rows, with each undefended model (OUT/detectors.md);
 # 3. benchmarks/match_scores.py: with every finished run's model (clean and defended), which caption the OT
@@ -15,10 +16,11 @@ set -euo pipefail
 OTC=${OTCBENCH:-otcbench}
 PY=${PYTHON:-python}
 NICE=${NICE:-}
-OUT=${OUT:-out/finegrained}
+RECIPE=${RECIPE:-finegrained}
+OUT=${OUT:-out/$RECIPE}
 HERE=$(cd "$(dirname "$0")" && pwd)
 
-$NICE $OTC run finegrained --out "$OUT" --resume
+$NICE $OTC run "$RECIPE" --out "$OUT" --resume
 $NICE $OTC detect "$OUT"
 
 worlds=("$OUT"/data/world-*)

@@ -103,12 +103,22 @@ def test_shipped_recipes_parse_and_their_registered_methods_validate() -> None:
     assert fine.seeds == [0, 1, 2] and fine.data.synth is not None and fine.data.synth.world == "compositional"
     assert {"none", "roclip", "otcclip", "otcclip+filter", "safeclip"} <= {d.spec.name for d in expand_defenses(fine)}
     # the seed paper's question on a learnt world: 24 epochs, OT and global matching side by side, and the
-    # binding-sensitive attack in the same grid
+    # binding-sensitive attack beside it
     assert fine.train.epochs == 24 and fine.model.name == "otc-rn-grid" and fine.data.synth.min_objects == 1
     assert [d.label for d in expand_defenses(fine)] == ["none", "roclip", "safeclip", "otcclip", "otcclip global",
                                                          "otcclip+filter"]
-    assert [a.label for a in expand_attacks(fine)] == ["clean", "targeted+badnet+describe", "relabel-25"]
-    assert grid_size(fine) == 39
+    assert [a.label for a in expand_attacks(fine)] == ["clean", "targeted+badnet+describe"]
+    assert grid_size(fine) == 21
+    # the binding-sensitive attack: its own grid on the same world, model, schedule, defenses and seeds, with its
+    # own clean reference
+    fine_relabel, _ = load_recipe("finegrained-relabel")
+    assert [a.label for a in expand_attacks(fine_relabel)] == ["clean", "relabel-25"]
+    assert {a for e in expand_attacks(fine_relabel) for a in e.attacks} == {"adaptive-relabel"}
+    assert [(d.label, d.options) for d in expand_defenses(fine_relabel)] == [(d.label, d.options)
+                                                                              for d in expand_defenses(fine)]
+    for part in ("data", "model", "train", "eval"):
+        assert getattr(fine_relabel, part) == getattr(fine, part), part
+    assert fine_relabel.seeds == fine.seeds and grid_size(fine_relabel) == 21
     relabel, _ = load_recipe("adaptive-relabel")  # against the defenses and options of results/finegrained's grid
     assert {a for e in expand_attacks(relabel) for a in e.attacks} == {"adaptive-relabel"}
     fine5, _ = load_recipe(Path(__file__).resolve().parent.parent / "results" / "finegrained" / "recipe.yaml")
