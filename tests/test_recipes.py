@@ -119,9 +119,9 @@ def test_shipped_recipes_parse_and_their_registered_methods_validate() -> None:
     for part in ("data", "model", "train", "eval"):
         assert getattr(fine_relabel, part) == getattr(fine, part), part
     assert fine_relabel.seeds == fine.seeds and grid_size(fine_relabel) == 21
-    relabel, _ = load_recipe("adaptive-relabel")  # against the defenses and options of results/finegrained's grid
+    relabel, _ = load_recipe("adaptive-relabel")  # the defenses and options of results/finegrained-5epochs's grid
     assert {a for e in expand_attacks(relabel) for a in e.attacks} == {"adaptive-relabel"}
-    fine5, _ = load_recipe(Path(__file__).resolve().parent.parent / "results" / "finegrained" / "recipe.yaml")
+    fine5, _ = load_recipe(Path(__file__).resolve().parent.parent / "results" / "finegrained-5epochs" / "recipe.yaml")
     assert relabel.train.epochs == fine5.train.epochs == 5
     assert [(d.label, d.options) for d in expand_defenses(relabel)] == [(d.label, d.options)
                                                                         for d in expand_defenses(fine5)]
