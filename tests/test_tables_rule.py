@@ -3,6 +3,7 @@ beyond the seed spread; hand-built summaries in the summary.csv format, no train
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -176,3 +177,39 @@ def test_ot_vs_global_table_verdicts() -> None:
     assert "| one seed |" in ot_vs_global_table(one)
     # runs that log one pick only (score=global) are left out; no such run at all: no table
     assert ot_vs_global_table(curves({"global": [(0.1, 0.2)] * 3, "used": [(0.1, 0.2)] * 3})) == ""
+
+
+def picks(binding: dict[str, list[float]], defense: str = "otcclip", alpha: float = 0.5) -> pd.DataFrame:
+    """match_scores.csv rows (``benchmarks/match_scores.py --csv``, in %) of one defense, one model per seed."""
+    n = len(binding["ot"])
+    return pd.DataFrame({"checkpoint": [f"run{s}" for s in range(n)], "attack": "t+b", "defense": defense,
+                         "seed": range(n), "alpha": alpha, "top_k": 5,
+                         **{f"binding_{k}": v for k, v in binding.items()},
+                         **{f"exact_{k}": [v / 4 for v in binding[k]] for k in binding},
+                         **{f"shape_{k}": [2 * v for v in binding[k]] for k in binding}})
+
+
+def test_offline_picks_table_rows_and_verdicts(tmp_path: Path) -> None:
+    from otcbench.bench.report import write_report
+    from otcbench.bench.tables import offline_picks_table
+
+    behind = picks({"ot": [30.0, 33.0, 35.0], "global": [33.0, 36.0, 39.0], "random": [3.0, 3.2, 3.1]})
+    ahead = picks({"ot": [20.0, 22.0, 21.0], "global": [18.0, 19.0, 19.5], "random": [3.0] * 3}, alpha=0.0)
+    text = offline_picks_table(pd.concat([behind, ahead]))
+    rows = [line for line in text.splitlines() if line.startswith("| t+b | otcclip |")]
+    assert len(rows) == 2 and "| 0.5, 5 | 3 |" in rows[0] and "| 0, 5 | 3 |" in rows[1]
+    # binding 32.7 ± 2.5 against 36.0 ± 3.0, random 3.1 ± 0.1; global ahead by 3, 3 and 4 points
+    assert "32.7 ± 2.5" in rows[0] and "36.0 ± 3.0" in rows[0] and "3.1 ± 0.1" in rows[0]
+    assert "8.2 ± 0.6" in rows[0]  # exact: OT, a quarter of its binding overlap here
+    assert "-3.0 / -3.0 / -4.0" in rows[0] and "**global ahead**" in rows[0]
+    assert "+2.0 / +3.0 / +1.5" in rows[1] and "**OT ahead**" in rows[1]
+    assert "| one seed |" in offline_picks_table(picks({"ot": [30.0], "global": [31.0], "random": [3.0]}))
+    assert offline_picks_table(behind.iloc[:0]) == ""
+    # the report puts the table in table.md when a results directory holds match_scores.csv
+    from test_report import summary
+
+    out = summary(tmp_path)
+    assert "offline" not in write_report(out, plots=False)
+    behind.to_csv(out / "match_scores.csv", index=False)
+    md = write_report(out, plots=False)
+    assert text.splitlines()[0] in md and (out / "table.md").read_text() == md

@@ -33,12 +33,16 @@ from otcbench.bench.tables import (
     latex_table,
     markdown_table,
     match_precision_table,
+    offline_picks_table,
     overview_table,
     table_metrics,
 )
 
 if TYPE_CHECKING:
     from otcbench.bench.plan import Plan
+
+#: The offline caption picks of every finished model (``benchmarks/match_scores.py --csv``), when present
+OFFLINE_PICKS = "match_scores.csv"
 
 
 def write_report(out: str | Path, *, plan: Plan | None = None, plots: bool = True) -> str:
@@ -66,6 +70,9 @@ def write_report(out: str | Path, *, plan: Plan | None = None, plots: bool = Tru
     matching = match_precision_table(_match_curves(df, out))
     if matching:
         md += "\n" + matching + footer
+    picks = out / OFFLINE_PICKS
+    if picks.is_file():  # `benchmarks/match_scores.py --csv` (benchmarks/finegrained.sh)
+        md += "\n" + offline_picks_table(pd.read_csv(picks)) + footer
     atomic_write_text(out / TABLE_MD, md)
     atomic_write_text(out / TABLE_TEX, latex_table(df, title) + "".join(f"% {line}\n" for line in lines))
     _record_runs(out, df)

@@ -330,3 +330,29 @@ def match_precision_table(curves: pd.DataFrame) -> str:
             cells = [cell(g, sc, col) for col in ("overlap", "shape_overlap") for sc in scores]
             lines.append(f"| {attack} | {defense} | {int(epoch) + 1} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def offline_picks_table(picks: pd.DataFrame) -> str:
+    """Markdown: the offline picks of ``benchmarks/match_scores.py --csv`` (``match_scores.csv``: one row per
+    finished model and (alpha, top_k), each pick's ``exact_*`` and ``binding_*`` in %) as one row per attack,
+    defense and setting: mean ± std over seeds and the paired OT − global verdict, as for the matchings in
+    training. "" without rows."""
+    if picks.empty:
+        return ""
+    lines = ["### OT score against global score, offline: each finished model re-pairs the clean world (%)", "",
+             "| attack | defense | α, top_k | seeds | exact: OT | exact: global | exact: random | binding: OT "
+             "| binding: global | binding: random | binding, OT − global, per seed | verdict |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    keys = ["attack", "defense", "alpha", "top_k"]
+    for (attack, defense, alpha, top_k), g in picks.fillna({"attack": "", "defense": ""}).groupby(keys, sort=False):
+        g = g.sort_values("seed")
+        diffs = [float(d) for d in (g["binding_ot"] - g["binding_global"])]
+        cells = [_pct_cell(g[f"{stat}_{key}"] / 100) for stat in ("exact", "binding")
+                 for key in ("ot", "global", "random")]
+        lines.append(f"| {attack} | {defense} | {alpha:g}, {top_k} | {len(g)} | " + " | ".join(cells) + " | "
+                     + " / ".join(f"{d:+.1f}" for d in diffs) + f" | {_verdict(diffs)} |")
+    lines += ["", "`benchmarks/match_scores.py`: OTCCLIP's data-side step with each run's final model on the clean "
+              "world (own caption excluded); α weighs the global cosine against 1 − the OT distance, top_k is "
+              "the number of global-cosine candidates. Mean ± sample std over seeds; verdict: the per-seed "
+              f"differences of binding overlap tested against 0 (paired t-test, one-sided, p < {ALPHA:g})."]
+    return "\n".join(lines) + "\n"
