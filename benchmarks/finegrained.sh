@@ -5,7 +5,7 @@
 #   RECIPE=finegrained-relabel benchmarks/finegrained.sh        # OUT=out/finegrained-relabel
 #   OUT=/tmp/fg NICE="nice -n 15" benchmarks/finegrained.sh
 #
-# 1. `otcbench run RECIPE` (21 runs, resumable: run the script again after an interruption);
+# 1. `otcbench run RECIPE` (21 or 18 runs, resumable: run the script again after an interruption);
 # 2. `otcbench detect`: the OT own-pair score against the global own-pair score (and SafeCLIP's, k-NN, DAO) as
 #    detectors of the poisoned rows, with each undefended model (OUT/detectors.md);
 # 3. benchmarks/match_scores.py: with every finished run's model (clean and defended), which caption the OT
