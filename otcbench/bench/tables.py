@@ -267,6 +267,11 @@ def _verdict(diffs: list[float]) -> str:
     return "within the seed spread"
 
 
+def _diffs_and_verdict(diffs: list[float]) -> str:
+    """The last two cells of an OT-against-global row: the per-seed differences in points, then the verdict."""
+    return " / ".join(f"{d:+.1f}" for d in diffs) + f" | {_verdict(diffs)} |"
+
+
 def ot_vs_global_table(curves: pd.DataFrame) -> str:
     """Markdown: the OT score's pick against the global score's over every matching of a run, seed by seed —
     the answer to "does OT re-pair better than global?" in one row per attack and defense."""
@@ -282,7 +287,7 @@ def ot_vs_global_table(curves: pd.DataFrame) -> str:
         diffs = [100 * float(d) for d in (g[f"{measure}_ot"] - g[f"{measure}_global"]) if not math.isnan(d)]
         cells = [_pct_cell(g[col]) for col in ("exact_ot", "exact_global", "binding_ot", "binding_global")]
         lines.append(f"| {attack} | {defense} | {len(g)} | {g['matchings'].mean():.0f} | " + " | ".join(cells)
-                     + " | " + " / ".join(f"{d:+.1f}" for d in diffs) + f" | {_verdict(diffs)} |")
+                     + " | " + _diffs_and_verdict(diffs))
     lines += ["", "Each seed's value is the mean over the run's matchings of what each score alone picked at the "
               "same matching (the tables below, epoch by epoch); mean ± sample std over seeds. Verdict: the "
               f"per-seed differences tested against 0 (paired t-test over seeds, one-sided, p < {ALPHA:g}); "
@@ -350,7 +355,7 @@ def offline_picks_table(picks: pd.DataFrame) -> str:
         cells = [_pct_cell(g[f"{stat}_{key}"] / 100) for stat in ("exact", "binding")
                  for key in ("ot", "global", "random")]
         lines.append(f"| {attack} | {defense} | {alpha:g}, {top_k} | {len(g)} | " + " | ".join(cells) + " | "
-                     + " / ".join(f"{d:+.1f}" for d in diffs) + f" | {_verdict(diffs)} |")
+                     + _diffs_and_verdict(diffs))
     lines += ["", "`benchmarks/match_scores.py`: OTCCLIP's data-side step with each run's final model on the clean "
               "world (own caption excluded); α weighs the global cosine against 1 − the OT distance, top_k is "
               "the number of global-cosine candidates. Mean ± sample std over seeds; verdict: the per-seed "
